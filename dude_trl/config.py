@@ -1,0 +1,87 @@
+"""`DuDeConfig`: a `peft.LoraConfig` that also says how to initialise the adapter.
+
+DuDe and its baselines differ only in two things: whether a trainable magnitude vector
+rescales each output row (DoRA's split) and how A, B and the frozen base are initialised
+(Kaiming/zero as in LoRA, or the top-r SVD of the pretrained weight as in PiSSA). Both
+are carried by `method`; every `LoraConfig` field keeps its PEFT meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from peft import LoraConfig
+
+#: Methods whose A, B come from the SVD of the pretrained weight (and whose base holds the residual).
+SVD_METHODS = ("dude", "dude_a", "dude_b", "pissa")
+#: Methods with a trainable per-row magnitude vector (DoRA's decomposition).
+MAGNITUDE_METHODS = ("dude", "dude_a", "dude_b", "dora")
+METHODS = ("dude", "dude_a", "dude_b", "lora", "dora", "pissa")
+
+
+@dataclass
+class DuDeConfig(LoraConfig):
+    """Configuration of a DuDe adapter (and of the LoRA/DoRA/PiSSA baselines).
+
+    Args:
+        method: ``"dude"`` (sqrt(S) split between B and A), ``"dude_a"`` (singular values in A),
+            ``"dude_b"`` (singular values in B), or a baseline: ``"lora"``, ``"dora"``, ``"pissa"``.
+        svd_niter: ``None`` for an exact SVD; an integer for a randomized SVD with that many
+            power iterations (much faster on large layers, slightly less accurate).
+        svd_oversample: extra random directions used by the randomized SVD.
+        svd_seed: seed of the randomized SVD. Each layer draws from its own generator seeded
+            by this value and the layer's name, so every process computes the same factors.
+        quant_iters: on a quantized base, rounds of the QPiSSA/LoftQ-style refinement that
+            re-fits A, B to what quantization lost (0: none).
+
+    `use_dora` and `init_lora_weights` are derived from `method`; leave them at their defaults.
+    """
+
+    method: str = field(default="dude", metadata={"help": f"One of {METHODS}."})
+    svd_niter: Optional[int] = field(
+        default=None, metadata={"help": "None: exact SVD; int: randomized SVD with this many power iterations."}
+    )
+    svd_oversample: int = field(default=8, metadata={"help": "Oversampling of the randomized SVD."})
+    svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD (per layer, name-mixed)."})
+    quant_iters: int = field(default=0, metadata={"help": "Refinement rounds on a quantized base (0: none)."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown DuDe method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.init_lora_weights not in (True, "gaussian"):
+            raise ValueError(
+                f"DuDeConfig initialises the adapter through `method` (got init_lora_weights="
+                f"{self.init_lora_weights!r}); leave `init_lora_weights` at its default and pick "
+                f"method='pissa' or 'dude' for an SVD initialisation."
+            )
+        wants_magnitude = self.method in MAGNITUDE_METHODS
+        if self.use_dora and not wants_magnitude:
+            raise ValueError(
+                f"use_dora=True contradicts method={self.method!r}, which has no magnitude vector; "
+                f"use method='dora' or a DuDe variant instead."
+            )
+        self.use_dora = wants_magnitude
+        if self.svd_niter is not None and self.svd_niter < 0:
+            raise ValueError(f"svd_niter must be None (exact SVD) or >= 0, got {self.svd_niter}.")
+        if self.quant_iters < 0:
+            raise ValueError(f"quant_iters must be >= 0, got {self.quant_iters}.")
+        super().__post_init__()
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> "DuDeConfig":
+        """Build this class from saved fields: PEFT maps ``peft_type="LORA"`` to `LoraConfig`, which
+        would drop `method` and the SVD settings in `DuDeConfig.from_pretrained(adapter_dir)`."""
+        from .io import dude_config_from_dict
+
+        return dude_config_from_dict(kwargs, cls)
+
+    @property
+    def uses_svd_init(self) -> bool:
+        """True when A, B come from the SVD of the base weight and the base holds the residual."""
+        return self.method in SVD_METHODS
+
+    @property
+    def has_magnitude(self) -> bool:
+        """True when the adapter has DoRA's trainable magnitude vector."""
+        return self.method in MAGNITUDE_METHODS

@@ -1,0 +1,77 @@
+"""DuDeSFTTrainer is a drop-in SFTTrainer: identical without a DuDeConfig, DuDe with one."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from conftest import make_qwen2, make_tokenizer
+from dude_trl import DuDeConfig, DuDeSFTTrainer
+from dude_trl.layer import DuDeLinearVariant
+
+DATA = Dataset.from_dict({"text": [f"Q: {i} plus {i + 3}? A: {2 * i + 3}." for i in range(48)]})
+
+
+def _args(tmp_path, **kw) -> SFTConfig:
+    defaults = dict(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=3,
+    )
+    return SFTConfig(**{**defaults, **kw})
+
+
+def _losses(trainer) -> list[float]:
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize(
+    "peft_config_factory",
+    [lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), lambda: None],
+    ids=["LoraConfig", "no_peft"],
+)
+def test_identical_to_sft_trainer_without_dude_config(tmp_path, peft_config_factory):
+    runs = []
+    for cls in (SFTTrainer, DuDeSFTTrainer):
+        trainer = cls(
+            model=make_qwen2(), args=_args(tmp_path / cls.__name__), train_dataset=DATA,
+            processing_class=make_tokenizer(), peft_config=peft_config_factory(),
+        )
+        runs.append(_losses(trainer))
+    assert len(runs[0]) == 4 and runs[0] == runs[1]
+
+
+def test_dude_from_path_trains_and_saves_adapter(tmp_path, tiny_model_dir):
+    config = DuDeConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], method="dude")
+    trainer = DuDeSFTTrainer(
+        model=tiny_model_dir, args=_args(tmp_path, max_steps=12, learning_rate=2e-2, save_strategy="steps", save_steps=6),
+        train_dataset=DATA, peft_config=config,
+    )
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.lora_variant["default"], DuDeLinearVariant)
+    assert "default" in layer.lora_dude_init_A
+    losses = _losses(trainer)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    trainer.save_model()
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == "dude"
+    assert not (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "checkpoint-12" / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("method", ["dude_a", "pissa", "dora"])
+def test_gradient_checkpointing_trains(tmp_path, method):
+    config = DuDeConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], method=method)
+    trainer = DuDeSFTTrainer(
+        model=make_qwen2(), args=_args(tmp_path, gradient_checkpointing=True, max_steps=2),
+        train_dataset=DATA, processing_class=make_tokenizer(), peft_config=config,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    losses = _losses(trainer)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n or "magnitude" in n)
