@@ -178,6 +178,7 @@ def plot_runs(
         axes[1].set_yscale("log")
     if axes[2].has_data():
         axes[2].yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        axes[2].set_ylim(*accuracy_limits([v for r in runs for v in r.accuracy.values]))
     _align_steps([ax for ax in axes if ax.has_data()])
     _add_legend(fig, axes)
     suffix = f", smoothed over {smooth} logs" if smooth > 1 else ""
@@ -209,6 +210,17 @@ def _draw_panel(ax, runs: Sequence[RunCurves], get, title: str, ylabel: str, wha
                 fontsize=12, color="0.45")  # fmt: skip
         ax.set_xticks([])
         ax.set_yticks([])
+
+
+def accuracy_limits(values: list[float]) -> tuple[float, float]:
+    """Y range for accuracies: from 0 up to just above the best value (at least 5%, at most 100%).
+
+    Matplotlib centres a flat line (every run at 0% early in training) on a symmetric range,
+    which shows meaningless negative accuracies. The bottom sits 2% of the range below 0 so
+    that points at 0% are not cut in half by the axis.
+    """
+    top = min(1.0, max(0.05, max([0.0, *values]) * 1.1))
+    return -0.02 * top, top
 
 
 def _align_steps(axes) -> None:

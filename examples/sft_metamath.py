@@ -117,6 +117,10 @@ def main(
         if dude_args.plot:
             out = plot_runs([training_args.output_dir], Path(training_args.output_dir) / "curves.png")
             print(f"Curves written to {out}")
+    # Shut the process group down explicitly: leaving gloo/NCCL threads to die with the
+    # interpreter can abort a rank after a successful multi-process run.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def parse_args(argv: list[str]) -> tuple:

@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from dude_trl.plot import extract_curves, find_trainer_state, load_run, main, method_label, moving_average, plot_runs
+from dude_trl.plot import accuracy_limits, extract_curves, find_trainer_state, load_run, main, method_label, moving_average, plot_runs
 
 
 def history(n_steps: int = 12, with_total: bool = True, with_accuracy: bool = True) -> list[dict]:
@@ -80,6 +80,13 @@ def test_method_label(tmp_path):
 def test_moving_average():
     assert moving_average([1.0, 2.0, 3.0, 4.0], 1) == [1.0, 2.0, 3.0, 4.0]
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == pytest.approx([1.0, 2.0, 4.0, 6.0])
+
+
+def test_accuracy_axis_never_goes_negative_or_past_100_percent():
+    assert accuracy_limits([0.0, 0.0]) == pytest.approx((-0.001, 0.05))
+    assert accuracy_limits([]) == pytest.approx((-0.001, 0.05))
+    assert accuracy_limits([0.2, 0.5]) == pytest.approx((-0.011, 0.55))
+    assert accuracy_limits([0.95, 1.0]) == pytest.approx((-0.02, 1.0))
 
 
 def test_cli_writes_a_png(tmp_path):
