@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from dude_trl.io import last_complete_checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sft_metamath.py"
 METHODS = ("lora", "dora", "pissa", "dude", "dude_a", "dude_b")
@@ -50,11 +52,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="command that runs the example, e.g. 'accelerate launch --config_file deepspeed_configs/...'",
     )
     return parser.parse_known_args(argv)
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    checkpoints = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -102,7 +99,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, passthrough: list[
     cmd = [*shlex.split(args.launcher), str(EXAMPLE), *passthrough,
            "--method", method, "--seed", str(seed), "--data_seed", str(seed),
            "--output_dir", str(run_dir), "--max_steps", str(args.max_steps), "--plot", "false"]
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = last_complete_checkpoint(run_dir)
     if checkpoint is not None:
         cmd += ["--resume_from_checkpoint", str(checkpoint)]
     print(f"[compare] {method} seed {seed}: {shlex.join(cmd)}", flush=True)

@@ -15,6 +15,8 @@ from peft import LoraConfig
 
 #: Methods whose A, B come from the SVD of the pretrained weight (and whose base holds the residual).
 SVD_METHODS = ("dude", "dude_a", "dude_b", "pissa")
+# What a saved SVD-initialised adapter's `init_lora_weights` holds; PEFT rejects it by name.
+SAVED_INIT_MARKER = "dude_trl: load with dude_trl.get_dude_model(base, adapter_dir)"
 #: Methods with a trainable per-row magnitude vector (DoRA's decomposition).
 MAGNITUDE_METHODS = ("dude", "dude_a", "dude_b", "dora")
 METHODS = ("dude", "dude_a", "dude_b", "lora", "dora", "pissa")
@@ -45,6 +47,14 @@ class DuDeConfig(LoraConfig):
     svd_oversample: int = field(default=8, metadata={"help": "Oversampling of the randomized SVD."})
     svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD (per layer, name-mixed)."})
     quant_iters: int = field(default=0, metadata={"help": "Refinement rounds on a quantized base (0: none)."})
+    base_quantization: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Set by dude_trl, not by users: the bitsandbytes scheme of the base the adapter was "
+            "initialised on ({'bits', 'quant_type', 'double_quant'}), None for a full-precision base. "
+            "A reload checks it, so a QDuDe adapter is never put on a differently quantized residual."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,9 +74,28 @@ class DuDeConfig(LoraConfig):
         self.use_dora = wants_magnitude
         if self.svd_niter is not None and self.svd_niter < 0:
             raise ValueError(f"svd_niter must be None (exact SVD) or >= 0, got {self.svd_niter}.")
+        if self.svd_oversample < 0:
+            raise ValueError(f"svd_oversample must be >= 0 (extra sketch columns), got {self.svd_oversample}.")
+        if self.method in SVD_METHODS and self.lora_alpha <= 0:
+            raise ValueError(
+                f"method={self.method!r} splits the singular values by sqrt(S / s) with s = lora_alpha / r, "
+                f"so lora_alpha must be > 0 (got {self.lora_alpha})."
+            )
         if self.quant_iters < 0:
             raise ValueError(f"quant_iters must be >= 0, got {self.quant_iters}.")
         super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's dict, with `init_lora_weights` set to `SAVED_INIT_MARKER` for the SVD methods.
+
+        Their saved A, B, m belong on the residual ``W0 - s B0 A0``, not on ``W0``: plain
+        `PeftModel.from_pretrained(original_base, adapter_dir)` would count the principal part
+        twice without a word. With the marker PEFT refuses to load it, naming the loader to use.
+        """
+        values = super().to_dict()
+        if self.uses_svd_init:
+            values["init_lora_weights"] = SAVED_INIT_MARKER
+        return values
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> "DuDeConfig":

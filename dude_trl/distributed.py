@@ -167,11 +167,15 @@ def _split_init(
             # context exits, then re-partitions them from rank 0's copy (identical on all ranks).
             params = [p for _, module in members for p in init_params(module, adapter_name)]
             with gather_params_ctx(params, modifier_rank=0):
-                own = None
+                own, error = None, None
                 if rank < len(members):
                     name, module = members[rank]
-                    own = decompose_layer(module, name, adapter_name, config)
+                    try:
+                        own = decompose_layer(module, name, adapter_name, config)
+                    except Exception as err:  # re-raised below, once every rank knows
+                        error = err
                     decomposed.append(name)
+                _raise_on_every_rank(error, [name for name, _ in members], device)
                 for owner, index in enumerate(block):
                     out_features, in_features = shapes[index]
                     A, B = _broadcast_factors(
@@ -184,6 +188,20 @@ def _split_init(
                     reset_magnitude(module, adapter_name)
             bar.update(len(members))
     return decomposed
+
+
+def _raise_on_every_rank(error: Optional[BaseException], names: list[str], device: torch.device) -> None:
+    """Raise on every process when the decomposition failed on any (CUDA out of memory, an SVD
+    that did not converge): otherwise the others would wait in the next broadcast until the
+    collective timeout (30 minutes by default) before failing."""
+    failed = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(
+            f"DuDe SVD init failed on another process (one of the layers {', '.join(names)}); see that process's error."
+        )
 
 
 def _broadcast_factors(

@@ -34,7 +34,8 @@ from peft.utils import get_peft_model_state_dict
 from transformers import PreTrainedModel
 
 from .config import DuDeConfig
-from .io import FINGERPRINT, SAFE_WEIGHTS_NAME, load_dude_model
+from .io import FINGERPRINT, SAFE_WEIGHTS_NAME, load_dude_model, read_dude_config
+from .layer import is_quantized_layer
 from .model import INIT_A, INIT_B, _dude_layers
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,7 @@ def _dude_config(model: PeftModel, adapter_name: str) -> DuDeConfig:
 
 
 def _has_quantized_base(model: PeftModel, adapter_name: str) -> bool:
-    return any(
-        type(module.get_base_layer()).__module__.startswith("bitsandbytes")
-        for _, module in _dude_layers(model, adapter_name)
-    )
+    return any(is_quantized_layer(module.get_base_layer()) for _, module in _dude_layers(model, adapter_name))
 
 
 def _check_exportable(model: PeftModel, adapter_name: str) -> None:
@@ -255,7 +253,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``python -m dude_trl.export``."""
     args = _parser().parse_args(argv)
-    model = load_dude_model(args.base, args.adapter, adapter_name=args.adapter_name, dtype=torch.float32)
+    record = read_dude_config(args.adapter).base_quantization
+    quantization_config = None
+    if record is not None:
+        from .quantized import bnb_config_from_record
+
+        # The trained model computed with the quantized residual: rebuild exactly that one
+        # (merging dequantizes it), instead of silently exporting another model.
+        quantization_config = bnb_config_from_record(record)
+        print(f"{args.adapter} was trained on a bitsandbytes base {record}: loading the base quantized the same way.")
+    model = load_dude_model(
+        args.base, args.adapter, adapter_name=args.adapter_name, quantization_config=quantization_config,
+        dtype=torch.float32,
+    )
     if args.to == "dora":
         export_dora_adapter(model, args.out, args.adapter_name, base_model_name_or_path=args.base)
         print(f"Wrote a PEFT adapter for {args.base} to {args.out}: PeftModel.from_pretrained(base, {args.out!r}).")

@@ -29,7 +29,7 @@ import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
@@ -37,7 +37,7 @@ from peft.utils.integrations import gather_params_ctx
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .config import DuDeConfig
+from .config import SAVED_INIT_MARKER, DuDeConfig
 from .layer import DuDeLinearVariant, install_cache_invalidation, invalidate_norm_caches, is_quantized_layer
 from .model import (
     INIT_A,
@@ -46,7 +46,7 @@ from .model import (
     _frozen_weight,
     _register_init_factors,
     _write_frozen_weight,
-    check_targets,
+    inject_adapter,
     load_base_model,
 )
 
@@ -87,6 +87,8 @@ def dude_config_from_dict(values: dict[str, Any], config_cls: type = DuDeConfig,
             f"{source} has no `method` field, so it is not a DuDe adapter (a plain PEFT LoRA/DoRA adapter?). "
             f"Load it with peft.PeftModel.from_pretrained, or save the adapter from a DuDe model."
         )
+    if values.get("init_lora_weights") == SAVED_INIT_MARKER:
+        values = {**values, "init_lora_weights": True}
     known = {f.name for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(values) - known - {"runtime_config"})
     if unknown:
@@ -456,13 +458,22 @@ def load_dude_model(
     weights = read_adapter_weights(adapter_dir)
     config.inference_mode = not is_trainable
     source = os.fspath(adapter_dir)
-    if quantization_config is not None:
+    from . import quantized
+
+    quantized_object = not isinstance(model_or_path, str) and quantized.is_quantized_model(model_or_path)
+    if quantization_config is None and config.base_quantization is not None and not quantized_object:
+        raise ValueError(
+            f"{source} was trained on a bitsandbytes base ({config.base_quantization}): its residual is that quantized "
+            f"matrix, and a full-precision base would give other outputs. Pass quantization_config="
+            f"dude_trl.quantized.bnb_config_from_record({config.base_quantization}) (or the BitsAndBytesConfig used in "
+            f"training); `python -m dude_trl.export` does this itself."
+        )
+    if quantization_config is not None or quantized_object:
         return _load_onto_quantized_base(
             model_or_path, config, weights, quantization_config, adapter_name, source, progress, model_kwargs
         )
     model = load_base_model(model_or_path, **model_kwargs)
-    check_targets(model, config)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model = inject_adapter(model, config, adapter_name)
     return restore_dude_adapter_(peft_model, weights, adapter_name, source=source, progress=progress)
 
 
@@ -486,13 +497,25 @@ def _load_onto_quantized_base(
     """
     from . import quantized
 
-    quantization_config = quantized.validate_quantization_config(quantization_config)
+    if quantization_config is not None:
+        quantization_config = quantized.validate_quantization_config(quantization_config)
     model, checkpoint, checkpoint_kwargs, tmp = quantized._load_quantized(
         model_or_path, quantization_config, dict(model_kwargs)
     )
     try:
-        check_targets(model, config)
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        found = quantized.base_quantization_record(model)
+        if config.base_quantization is not None and found != config.base_quantization:
+            raise ValueError(
+                f"{source} was trained on a bitsandbytes base quantized as {config.base_quantization}, but this base is "
+                f"quantized as {found}: the rebuilt residual would differ. Load with quantization_config="
+                f"dude_trl.quantized.bnb_config_from_record({config.base_quantization})."
+            )
+        if config.base_quantization is None and config.uses_svd_init:
+            logger.warning(
+                "%s was trained on a full-precision base; on this quantized base its residual is quantized, so the "
+                "outputs differ from the trained model's by the quantization error.", source
+            )
+        peft_model = inject_adapter(model, config, adapter_name)
         quantized.prepare_bnb_layers_(peft_model)
         full_precision = quantized._checkpoint_weights(checkpoint, model, checkpoint_kwargs)
         names_in_base = {id(m): n for n, m in model.named_modules()}

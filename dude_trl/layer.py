@@ -170,7 +170,14 @@ def _compute_norm(module: nn.Module, adapter: str, A: torch.Tensor, B: torch.Ten
     scaling = module.scaling[adapter]
     weight = base_layer.weight
     # Cached tensors must be usable by autograd later, also when first computed under inference_mode.
-    with torch.inference_mode(False), torch.no_grad(), _gathered([weight, A, B]):
+    # Autocast off: the expansion amplifies bf16 rounding, and the cached value must not depend
+    # on whether it was first computed inside or outside an autocast region.
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        torch.autocast(A.device.type, enabled=False),
+        _gathered([weight, A, B]),
+    ):
         A32, B32 = A.float(), B.float()
         residual_key = None if hasattr(weight, "ds_id") else (weight._version, weight.data_ptr())
         cached_sq = module.__dict__.get(_RESIDUAL_SQ)
@@ -262,6 +269,7 @@ class _DuDeOutput(torch.autograd.Function):
         ctx.save_for_backward(pre_without_bias, h, B, scale, norm)
         ctx.scaling = scaling
         ctx.dtypes = (result.dtype, magnitude.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
@@ -282,7 +290,10 @@ class _DuDeOutput(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 h2 = h.reshape(-1, h.shape[-1])
                 grad_B = ((grad_mm.t() @ h2) * row_factor).to(B.dtype)
-        return grad_result, grad_h, grad_B, grad_magnitude, None, None, None, None
+        grad_bias = None
+        if ctx.needs_input_grad[6]:  # a trainable bias (`bias="all"`): d out / d bias = 1 - scale + scale (via result)
+            grad_bias = (grad2.sum(dim=0, dtype=torch.float32) * (1 - scale)).to(ctx.bias_dtype)
+        return grad_result, grad_h, grad_B, grad_magnitude, None, None, grad_bias, None
 
 
 def _merged_weight(module: nn.Module, adapter: str, orig_weight: torch.Tensor, safe_merge: bool):
@@ -291,7 +302,8 @@ def _merged_weight(module: nn.Module, adapter: str, orig_weight: torch.Tensor, s
     fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
     A = module.lora_A[adapter].weight.float()
     B = module.lora_B[adapter].weight.float()
-    delta = module.scaling[adapter] * (B @ A)  # out x in
+    with torch.autocast(A.device.type, enabled=False):
+        delta = module.scaling[adapter] * (B @ A)  # out x in
     with module._unmerged_base_weight(safe_merge=safe_merge) as base_weight:
         unmerged = base_weight.T if fan_in_fan_out else base_weight
         norm = torch.linalg.vector_norm(unmerged.float().to(delta.device) + delta, dim=1)

@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 from torch import nn
 from transformers import PreTrainedModel
@@ -50,40 +50,16 @@ def _linear_suffixes(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _supported_base(m) and name})
 
 
-def check_targets(model: nn.Module, config: DuDeConfig) -> list[str]:
-    """Names of the modules `config` targets in `model`, after checking DuDe can adapt them.
-
-    Raises a `ValueError` naming the problem and the fix when nothing matches, when a match is
-    not a Linear/Conv1D layer, or when the rank exceeds what a layer allows.
-    """
-    names = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
-    if not names:
+def inject_adapter(model: nn.Module, config: DuDeConfig, adapter_name: str = "default") -> PeftModel:
+    """`peft.get_peft_model`, with PEFT's "target modules not found" error restated to list the
+    Linear layers `model` has. PEFT expands ``"all-linear"`` and per-architecture defaults."""
+    try:
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    except NoMatchingPeftModuleError as err:
         raise ValueError(
             f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "
             f"Linear layers it has: {', '.join(_linear_suffixes(model))}."
-        )
-    modules = dict(model.named_modules())
-    for name in names:
-        module = modules[name]
-        if isinstance(module, LoraLayer):
-            module = module.get_base_layer()
-        if not _supported_base(module):
-            raise ValueError(
-                f"DuDe adapts Linear and Conv1D layers, but target {name!r} is a {type(module).__name__}; "
-                f"remove it from target_modules (Linear layers: {', '.join(_linear_suffixes(model))})."
-            )
-        _check_rank(name, module, _rank_for(config, name))
-    return names
-
-
-def _rank_for(config: DuDeConfig, name: str) -> int:
-    from peft.utils.other import get_pattern_key
-
-    if config.rank_pattern:
-        key = get_pattern_key(list(config.rank_pattern), name)
-        if key in config.rank_pattern:
-            return config.rank_pattern[key]
-    return config.r
+        ) from err
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -103,11 +79,28 @@ def _check_rank(name: str, module: nn.Module, r: int) -> None:
 
 
 def _dude_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    # `r` holds every adapted layer type (embeddings keep their factors elsewhere), so an
+    # unsupported target reaches `check_dude_layers` instead of being skipped.
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+        if isinstance(module, LoraLayer) and adapter_name in module.r
     ]
+
+
+def check_dude_layers(layers: list[tuple[str, LoraLayer]], adapter_name: str, config: DuDeConfig) -> None:
+    """Raise a `ValueError` naming the fix when a target is not a Linear/Conv1D layer or its rank
+    exceeds ``min(out, in)``; a `RuntimeError` when a layer was already initialised."""
+    for name, module in layers:
+        base = module.get_base_layer()
+        if not _supported_base(base):
+            raise ValueError(
+                f"DuDe adapts Linear and Conv1D layers, but target {name!r} is a {type(base).__name__}; "
+                f"remove it from target_modules."
+            )
+        _check_rank(name, base, module.r[adapter_name])
+        if config.uses_svd_init and hasattr(module, INIT_A) and adapter_name in getattr(module, INIT_A):
+            raise RuntimeError(f"Layer {name!r} already holds a DuDe initialisation for adapter {adapter_name!r}.")
 
 
 def _frozen_weight(module: LoraLayer) -> torch.Tensor:
@@ -198,16 +191,7 @@ def initialize_dude_(model: nn.Module, adapter_name: str = "default", progress: 
         initialize_quantized_dude_(model, adapter_name, progress)
         return model
     layers = _dude_layers(model, adapter_name)
-    for name, module in layers:
-        base = module.get_base_layer()
-        if not _supported_base(base):
-            raise ValueError(
-                f"DuDe adapts Linear and Conv1D layers, but target {name!r} is a {type(base).__name__}; "
-                f"remove it from target_modules."
-            )
-        _check_rank(name, base, module.r[adapter_name])
-        if config.uses_svd_init and hasattr(module, INIT_A) and adapter_name in getattr(module, INIT_A):
-            raise RuntimeError(f"Layer {name!r} already holds a DuDe initialisation for adapter {adapter_name!r}.")
+    check_dude_layers(layers, adapter_name, config)
 
     if config.uses_svd_init:
         # Imported here: `distributed` builds on this module's per-layer helpers.
@@ -284,6 +268,4 @@ def get_dude_model(
             model_or_path, config, quantization_config, adapter_name=adapter_name, progress=progress, **model_kwargs
         )
     model = load_base_model(model_or_path, **model_kwargs)
-    check_targets(model, config)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    return initialize_dude_(peft_model, adapter_name, progress=progress)
+    return initialize_dude_(inject_adapter(model, config, adapter_name), adapter_name, progress=progress)

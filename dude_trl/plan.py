@@ -37,8 +37,12 @@ Korthikanti et al. 2022 but for RMSNorm + GQA + gated MLP):
              + 2h (attention output)                                   = 14h
   MLP:       4h (fp32 RMSNorm input) + 2h (normed input) + 8i (gate, up, silu(gate), product)
                                                                        = 6h + 8i
-  adapters:  per adapted Linear 2r (A output); with a magnitude vector also 4*out (PEFT's DoRA
-             keeps the base and the low-rank outputs for the magnitude scaling)
+  adapters:  per adapted Linear 2r (A output); with a magnitude vector also 2*out (dude_trl's
+             forward keeps one tokens x out tensor in the base dtype for the magnitude gradient;
+             PEFT's own DoRA keeps several, plus out x in weight copies)
+  initial factors: the SVD methods keep A0, B0 as buffers (saved with the adapter, needed to
+             rebuild the residual); ZeRO does not partition buffers, so every GPU holds them:
+             r*(in+out) per target, in bf16 under DeepSpeed (its engine casts buffers), else fp32.
   attention scores: 0 with SDPA/flash attention (default), 6*heads*seq (fp32 softmax + bf16 copy)
              with ``--attn-implementation eager``.
   With gradient checkpointing (HF checkpoints every decoder layer): L * 2h (layer inputs) + one
@@ -61,6 +65,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import MAGNITUDE_METHODS, METHODS, SVD_METHODS
+
 GIB = 2**30
 BF16_BYTES = 2
 NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
@@ -70,8 +76,6 @@ CUDA_OVERHEAD_BYTES = 2 * GIB
 ZERO3_SUB_GROUP_SIZE = 10**9
 LOGIT_BYTES_PER_ENTRY = 10
 
-MAGNITUDE_METHODS = ("dude", "dude_a", "dude_b", "dora")
-METHODS = MAGNITUDE_METHODS + ("lora", "pissa")
 
 MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
 # short name -> (bundled file, hub id). The files hold the published architecture numbers.
@@ -400,6 +404,9 @@ def plan_memory(model: str, request: PlanRequest, inventory: ModelInventory | No
     cpu: dict[str, int] = {}
     _add_frozen_weights(inventory, request, gpu, cpu)
     _add_trainable_states(inventory, request, trainable_numels, gpu, cpu)
+    if request.method in SVD_METHODS and targets:
+        buffer_bytes = BF16_BYTES if request.zero_stage > 0 else 4
+        gpu["init_factors"] = buffer_bytes * sum(request.r * (t.in_features + t.out_features) for t in targets)
     _add_zero3_working_set(inventory, request, gpu)
     model_states = sum(gpu.values())
     _add_zero_buffers(inventory, request, gpu)
@@ -517,7 +524,7 @@ def layer_activation_bytes_per_token(inv: ModelInventory, req: PlanRequest, targ
     for lin in layer_targets:
         adapters += BF16_BYTES * req.r
         if req.method in MAGNITUDE_METHODS:
-            adapters += 2 * BF16_BYTES * lin.out_features
+            adapters += BF16_BYTES * lin.out_features
     adapters /= max(inv.num_layers, 1)
     return attention + mlp + adapters
 

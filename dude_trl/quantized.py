@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
@@ -36,11 +36,10 @@ from transformers import PreTrainedModel
 from .config import DuDeConfig
 from .layer import DuDeLinearVariant, install_cache_invalidation, invalidate_norm_caches
 from .model import (
-    INIT_A,
-    _check_rank,
     _dude_layers,
     _register_init_factors,
-    check_targets,
+    check_dude_layers,
+    inject_adapter,
     load_base_model,
     reset_magnitude,
     svd_init_layer,
@@ -147,6 +146,28 @@ def is_quantized_model(model: nn.Module) -> bool:
     return any(is_bnb_layer(m) for m in model.modules())
 
 
+def base_quantization_record(model: nn.Module) -> Optional[dict[str, Any]]:
+    """`QuantSpec.record` of the first bitsandbytes layer of `model` (None when it has none)."""
+    for module in model.modules():
+        if is_bnb_layer(module):
+            return QuantSpec.from_layer(module).record
+    return None
+
+
+def bnb_config_from_record(record: dict[str, Any], compute_dtype: torch.dtype = torch.float32) -> Any:
+    """The `BitsAndBytesConfig` that quantizes a base as `record` (`DuDeConfig.base_quantization`) says."""
+    from transformers import BitsAndBytesConfig
+
+    if record["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=record["quant_type"],
+        bnb_4bit_use_double_quant=record["double_quant"],
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def check_quantized_model(model: nn.Module) -> None:
     """Raise a clear `ValueError` when `model` is quantized with a scheme DuDe cannot decompose."""
     quantizer = getattr(model, "hf_quantizer", None)
@@ -225,6 +246,13 @@ class QuantSpec:
             quant_storage=config.bnb_4bit_quant_storage,
             dtype=dtype,
         )
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What a saved adapter keeps of these settings (`DuDeConfig.base_quantization`)."""
+        if self.bits == 8:
+            return {"bits": 8, "quant_type": "int8", "double_quant": False}
+        return {"bits": 4, "quant_type": self.quant_type, "double_quant": self.double_quant}
 
     @property
     def label(self) -> str:
@@ -586,10 +614,7 @@ def initialize_quantized_dude_(
     check_quantized_model(model.get_base_model())
     prepare_bnb_layers_(model)
     layers = _dude_layers(model, adapter_name)
-    for name, module in layers:
-        _check_rank(name, module.get_base_layer(), module.r[adapter_name])
-        if config.uses_svd_init and hasattr(module, INIT_A) and adapter_name in getattr(module, INIT_A):
-            raise RuntimeError(f"Layer {name!r} already holds a DuDe initialisation for adapter {adapter_name!r}.")
+    check_dude_layers(layers, adapter_name, config)
 
     reports: list[LayerInit] = []
     if config.uses_svd_init:
@@ -619,6 +644,7 @@ def initialize_quantized_dude_(
         for _, module in layers:
             module.lora_variant[adapter_name] = DuDeLinearVariant()
             install_cache_invalidation(module)
+    config.base_quantization = base_quantization_record(model)
     from .io import record_base_fingerprints_
 
     record_base_fingerprints_(model, adapter_name)  # the layers not fingerprinted above
@@ -731,8 +757,7 @@ def get_quantized_dude_model(
         quantization_config = validate_quantization_config(quantization_config)
     model, checkpoint, checkpoint_kwargs, tmp = _load_quantized(model_or_path, quantization_config, model_kwargs)
     try:
-        check_targets(model, config)
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        peft_model = inject_adapter(model, config, adapter_name)
         initialize_quantized_dude_(peft_model, adapter_name, progress, checkpoint, checkpoint_kwargs)
     finally:
         if tmp is not None:

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
@@ -43,7 +43,7 @@ def make_dataset(n: int = 32, words_per_text: int = 12, seed: int = 0) -> Datase
 
 
 def make_model(seed: int = 0, hidden: int = 32) -> PeftModel:
-    """Tiny Llama with a DoRA adapter (PiSSA init, so every adapter gradient is non-zero)."""
+    """Tiny Llama with a DuDe adapter (SVD init, so every adapter gradient is non-zero)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(SPECIAL) + len(WORDS),
@@ -58,16 +58,10 @@ def make_model(seed: int = 0, hidden: int = 32) -> PeftModel:
         bos_token_id=1,
     )
     base = LlamaForCausalLM(config)
-    lora = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        use_dora=True,
-        init_lora_weights="pissa",
-        target_modules=["q_proj", "v_proj"],
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(base, lora)
+    from dude_trl import DuDeConfig, get_dude_model
+
+    dude = DuDeConfig(method="dude", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return get_dude_model(base, dude, progress=False)
 
 
 def make_args(output_dir: str, **overrides) -> SFTConfig:

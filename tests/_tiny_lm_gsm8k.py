@@ -200,7 +200,7 @@ def zero3_training_main(out_dir: str) -> None:
         deepspeed=ds_config, seed=0,
     )
     callback = GSM8KEvalCallback(make_gsm8k_dataset(5, seed=0, split="test"), eval_steps=1, batch_size=2,
-                                 max_new_tokens=6)
+                                 max_new_tokens=6, eval_on_start=True, num_logged_samples=5)
     trainer = SFTTrainer(
         model=make_llama(), args=args, processing_class=make_tokenizer(), callbacks=[callback],
         train_dataset=to_sft_format(make_metamath_dataset(8, seed=0), conversational=False),

@@ -143,4 +143,15 @@ def test_callback_under_deepspeed_zero3_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"zero3_rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
-    assert [(row["step"], row["gsm8k/num_samples"]) for row in ranks[0]] == [(1, 5), (2, 5)]
+    assert [(row["step"], row["gsm8k/num_samples"]) for row in ranks[0]] == [(0, 5), (1, 5), (2, 5)]
+    # Generation read the real (gathered) weights: at step 0 the completions equal a
+    # single-process evaluation of the same freshly built model.
+    from dude_trl.gsm8k import evaluate
+
+    reference = evaluate(make_llama(), make_tokenizer(), make_gsm8k_dataset(5, seed=0, split="test"),
+                         batch_size=2, max_new_tokens=6, num_returned_samples=5)  # fmt: skip
+    expected = {s["question"]: s["completion"] for s in reference["samples"]}
+    rows = [json.loads(line) for line in (tmp_path / "gsm8k_samples_step0.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and len(expected) == 5
+    assert {row["question"]: row["completion"] for row in rows} == expected
+    assert len({row["completion"] for row in rows}) > 1  # not a constant output

@@ -112,6 +112,17 @@ def test_config_keeps_dude_fields(saved_dude):
     assert from_pretrained.svd_seed == 3
 
 
+def test_plain_peft_refuses_a_dude_adapter_and_names_the_loader(saved_dude):
+    """PEFT would put the trained A, B, m on W0 instead of the residual (principal part twice)."""
+    from peft import PeftModel
+
+    adapter_dir, _ = saved_dude
+    with pytest.raises(ValueError, match="load with dude_trl.get_dude_model"):
+        PeftModel.from_pretrained(make_qwen2(), adapter_dir)
+    lora = get_dude_model(make_qwen2(), DuDeConfig(method="lora", r=4, lora_alpha=8, target_modules=["q_proj"]), progress=False)
+    assert lora.peft_config["default"].to_dict()["init_lora_weights"] is True  # no residual: PEFT loads it right
+
+
 def test_get_dude_model_with_a_directory_reloads(saved_dude):
     adapter_dir, expected = saved_dude
     loaded = get_dude_model(make_qwen2(), adapter_dir, progress=False)

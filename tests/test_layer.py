@@ -99,6 +99,18 @@ def test_fast_norm_matches_direct_fp32(bias):
         torch.testing.assert_close(dude_weight_norm(layer, ADAPTER).double(), _direct_norm(layer), rtol=2e-6, atol=0)
 
 
+def test_norm_stays_float32_under_autocast():
+    """A norm first computed inside a bf16 autocast region (a `bf16=True` Trainer) is as exact
+    as one computed outside it: autocast would run the expansion's matmuls in bf16."""
+    model = _dude(TwoLayer())
+    _perturb_(model)
+    for layer in _layers(model):
+        invalidate_norm_caches(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            norm = dude_weight_norm(layer, ADAPTER)
+        torch.testing.assert_close(norm.double(), _direct_norm(layer), rtol=2e-6, atol=0)
+
+
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_fast_norm_matches_direct_bf16_base(monkeypatch, adapter_dtype):
     """bf16 residual (PEFT keeps the adapters in fp32 by default). The expansion upcasts W to
@@ -182,10 +194,13 @@ def _grads(model):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_and_gradients_match_direct_formula(bias):
-    model = _dude(TwoLayer(bias=bias))
+    """Gradients of x, A, B, m and, with `bias="all"`, of the trainable base bias."""
+    model = _dude(TwoLayer(bias=bias), bias="all" if bias else "none")
     _perturb_(model)
     model.train()
     layer = model.base_model.model.up
+    if bias:
+        assert layer.get_base_layer().bias.requires_grad
     x = _x()
     ours = layer(x)
     x_ref = x.detach().clone().requires_grad_()
@@ -194,9 +209,10 @@ def test_forward_and_gradients_match_direct_formula(bias):
 
     g = torch.randn_like(ours)
     params = [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.lora_magnitude_vector[ADAPTER].weight]
+    params += [layer.get_base_layer().bias] if bias else []
     got = torch.autograd.grad(ours, [x, *params], g)
     want = torch.autograd.grad(ref, [x_ref, *params], g)
-    for name, a, b in zip(["x", "A", "B", "m"], got, want):
+    for name, a, b in zip(["x", "A", "B", "m", "bias"], got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
@@ -247,6 +263,19 @@ def _direct_forward_fp64(layer, x):
     y = (m / torch.linalg.vector_norm(W + delta, dim=1)) * (x.double() @ (W + delta).T)
     bias = layer.get_base_layer().bias
     return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_base_layer_runs_once_per_forward(dropout):
+    """The base output is reused: no second base matmul, also with dropout (PEFT's DoRA reruns
+    the base layer on the dropped-out input)."""
+    model = _dude(TwoLayer(), dropout=dropout)
+    model.train()
+    layer = model.base_model.model.up
+    calls = []
+    layer.get_base_layer().register_forward_hook(lambda *args: calls.append(1))
+    layer(_x()).sum().backward()
+    assert len(calls) == 1
 
 
 def test_saves_one_output_sized_tensor_for_backward():

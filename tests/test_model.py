@@ -25,23 +25,47 @@ def _config(method: str, **kw) -> DuDeConfig:
     return DuDeConfig(r=4, lora_alpha=8, method=method, **kw)
 
 
+def _outputs(model, targets: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits on `IDS` and the output of every module whose name ends in one of `targets`.
+
+    The logits alone would hide errors in q_proj: with small weights attention is nearly
+    uniform, so even a 1% error in q's output moves the logits by only ~2e-5."""
+    outputs, hooks = {}, []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            key = name.removeprefix("base_model.model.")
+            hooks.append(module.register_forward_hook(lambda m, i, o, key=key: outputs.__setitem__(key, o.detach())))
+    logits = model(IDS).logits
+    for hook in hooks:
+        hook.remove()
+    return logits, outputs
+
+
+def _assert_unchanged(base, model, targets: tuple[str, ...]) -> None:
+    expected_logits, expected = _outputs(base, targets)
+    logits, got = _outputs(model, targets)
+    assert got.keys() == expected.keys() and got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("make", [make_llama, make_qwen2], ids=["no_bias", "bias"])
 def test_output_unchanged_at_init(method, make):
     base = make()
-    expected = base(IDS).logits
     model = get_dude_model(copy.deepcopy(base), _config(method), progress=False)
     assert isinstance(model, PeftModel)
-    torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=0)
+    _assert_unchanged(base, model, ("q_proj", "v_proj"))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_output_unchanged_at_init_conv1d(method):
+    """transformers' Conv1D always has a bias (its forward is an addmm)."""
     base = _gpt2()
-    expected = base(IDS).logits
     config = _config(method, target_modules=["c_attn"], fan_in_fan_out=True)
     model = get_dude_model(copy.deepcopy(base), config, progress=False)
-    torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=0)
+    _assert_unchanged(base, model, ("c_attn",))
 
 
 @pytest.mark.parametrize("method", ["dude", "dude_a", "dude_b", "pissa"])
@@ -98,11 +122,21 @@ def test_matches_peft_dora_pissa_outputs_and_gradients():
 
 
 def test_bf16_model_supported():
+    """The SVD runs in float32 on the bf16 weight and the residual is cast back: s*B@A is the
+    float32 top-r part of W0 and W_res + s*B@A equals W0 up to the residual's bf16 rounding."""
     base = make_llama().to(torch.bfloat16)
+    W0 = base.model.layers[0].self_attn.q_proj.weight.detach().float()
     expected = base(IDS).logits.float()
     model = get_dude_model(copy.deepcopy(base), _config("dude"), progress=False)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.base_layer.weight.dtype == torch.bfloat16
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    assert A.dtype == B.dtype == torch.float32
+    U, S, Vh = torch.linalg.svd(W0)
+    torch.testing.assert_close(s * B @ A, U[:, :4] @ torch.diag(S[:4]) @ Vh[:4], atol=1e-5, rtol=0)
+    residual = layer.base_layer.weight.float()
+    bf16_ulp = residual.abs().max().item() * 2**-8
+    assert (residual + s * B @ A - W0).abs().max() <= bf16_ulp
     out = model(IDS).logits.float()
     assert (out - expected).abs().max() < 0.1 * expected.abs().max()
 
@@ -135,6 +169,25 @@ def test_loads_from_path(tiny_model_dir):
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_peft_target_expansion_is_kept():
+    """`"all-linear"` and PEFT's per-architecture defaults (`target_modules=None`) work as in PEFT."""
+    model = get_dude_model(make_llama(), DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear"), progress=False)
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_dude_init_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    model = get_dude_model(make_llama(), DuDeConfig(r=4, lora_alpha=8, target_modules=None), progress=False)
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_dude_init_A")}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_unsupported_target_raises_in_the_trainer_path_too():
+    """TRL injects the adapter itself; an Embedding target must not be skipped silently."""
+    from dude_trl import initialize_dude_
+
+    model = get_peft_model(make_llama(), DuDeConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ValueError, match="Linear and Conv1D.*embed_tokens.*Embedding"):
+        initialize_dude_(model, progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -152,6 +205,10 @@ def test_bad_input_raises_clear_error(kwargs, match):
 def test_config_validation():
     with pytest.raises(ValueError, match="Unknown DuDe method"):
         DuDeConfig(method="qlora")
+    with pytest.raises(ValueError, match="svd_oversample must be >= 0"):
+        DuDeConfig(svd_niter=2, svd_oversample=-3)
+    with pytest.raises(ValueError, match="lora_alpha must be > 0"):
+        DuDeConfig(method="dude", lora_alpha=0)
     with pytest.raises(ValueError, match="init_lora_weights"):
         DuDeConfig(init_lora_weights="pissa")
     with pytest.raises(ValueError, match="use_dora=True contradicts"):

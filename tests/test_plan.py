@@ -178,6 +178,18 @@ def test_32b_needs_zero3_on_8_gpus(qwen32b):
     assert big.fits and big.per_gpu_bytes < 20 * GIB
 
 
+def test_magnitude_and_initial_factor_costs(qwen32b):
+    """Per q/v target DuDe keeps one bf16 tokens x out tensor more than LoRA (without
+    checkpointing), and every GPU holds the bf16 initial factors A0, B0 (r*(in+out))."""
+    base = PlanRequest(r=16, num_gpus=8, zero_stage=3, seq_len=512, micro_batch=1, gradient_checkpointing=False)
+    lora = plan_memory("qwen2.5-32b", replace(base, method="lora"), qwen32b)
+    dude = plan_memory("qwen2.5-32b", replace(base, method="dude"), qwen32b)
+    per_layer_out = 5120 + 1024  # q_proj and v_proj outputs in each of the 64 layers
+    assert dude.gpu["activations"] - lora.gpu["activations"] == pytest.approx(2 * 512 * 64 * per_layer_out, rel=1e-6)
+    assert "init_factors" not in lora.gpu
+    assert dude.gpu["init_factors"] == 2 * 64 * 16 * ((5120 + 5120) + (5120 + 1024))
+
+
 def test_activations_follow_checkpointing_and_batch(qwen32b):
     base = PlanRequest(num_gpus=8, seq_len=1024, micro_batch=1)
     act = lambda req: plan_memory("qwen2.5-32b", req, qwen32b).gpu["activations"]  # noqa: E731

@@ -141,9 +141,14 @@ IDS = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0))
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
-def test_init_error_below_plain_quantization(model_dir, float_model, quant):
-    model = _qdude(model_dir, "dude", quant)
+@pytest.mark.parametrize(
+    "quant, method",
+    [("nf4", "dude"), ("fp4", "dude"), ("int8", "dude"), ("nf4", "dude_a"), ("nf4", "dude_b"), ("nf4", "pissa")],
+)
+def test_init_error_below_plain_quantization(model_dir, float_model, quant, method):
+    """The split only moves singular values between A and B: s*B@A, hence the error, is the same
+    for every SVD method."""
+    model = _qdude(model_dir, method, quant)
     errors = _errors(model, float_model)
     assert len(errors) == 4
     for dude_err, plain_err in errors:
@@ -431,6 +436,35 @@ def test_trained_adapter_reloads_onto_a_fresh_quantized_base(model_dir, tmp_path
     torch.testing.assert_close(_logits(reloaded, IDS, train_mode=True), expected, atol=ATOL, rtol=0)
 
 
+def test_reload_checks_the_recorded_quantization(model_dir, tmp_path):
+    """A QDuDe adapter records its base's scheme: reloading it without a quantization config or
+    with another scheme fails by name instead of rebuilding another residual; the export CLI
+    reloads it quantized the same way, so the merged model equals the trained one."""
+    from dude_trl.export import main as export_main
+    from dude_trl.io import load_dude_model
+    from dude_trl.quantized import bnb_config_from_record
+
+    model = _qdude(model_dir, "dude", "nf4")
+    _train(model, steps=2)
+    record = model.peft_config["default"].base_quantization
+    assert record == {"bits": 4, "quant_type": "nf4", "double_quant": False}
+    expected = _logits(model, IDS, train_mode=False)
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="trained on a bitsandbytes base.*quantization_config"):
+        load_dude_model(model_dir, tmp_path / "adapter", progress=False)
+    with pytest.raises(ValueError, match="but this base is quantized as .*fp4"):
+        load_dude_model(model_dir, tmp_path / "adapter", quantization_config=bnb_config_from_record(
+            {"bits": 4, "quant_type": "fp4", "double_quant": False}), progress=False)  # fmt: skip
+    reloaded = load_dude_model(model_dir, tmp_path / "adapter", quantization_config=bnb_config_from_record(record),
+                               progress=False)  # fmt: skip
+    torch.testing.assert_close(_logits(reloaded, IDS, train_mode=False), expected, atol=ATOL, rtol=0)
+
+    export_main(["--adapter", str(tmp_path / "adapter"), "--base", str(model_dir), "--to", "merged",
+                 "--out", str(tmp_path / "merged")])  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(merged(IDS).logits, expected, atol=ATOL, rtol=0)
+
+
 def test_trainer_loads_quantized_and_trains_with_gradient_checkpointing(model_dir, float_model, tmp_path):
     data = Dataset.from_dict({"text": [f"Q: {i} plus {i + 3}? A: {2 * i + 3}." for i in range(32)]})
     args = SFTConfig(
@@ -444,6 +478,7 @@ def test_trainer_loads_quantized_and_trains_with_gradient_checkpointing(model_di
     )
     model = trainer.model
     assert getattr(model, "is_loaded_in_4bit", False)
+    assert model.peft_config["default"].base_quantization == {"bits": 4, "quant_type": "nf4", "double_quant": False}
     # W0 came from the checkpoint in full precision; A, B stay float32 despite TRL's QLoRA bf16 cast.
     for dude_err, plain_err in _errors(model, float_model):
         assert dude_err < plain_err

@@ -61,6 +61,29 @@ def test_dude_from_path_trains_and_saves_adapter(tmp_path, tiny_model_dir):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == "dude"
     assert not (tmp_path / "model.safetensors").exists()
     assert (tmp_path / "checkpoint-12" / "trainer_state.json").exists()
+    # Every checkpoint carries what rebuilds the residual exactly (initial factors, fingerprints).
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "checkpoint-12" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("q_proj.lora_dude_init_A") for k in keys)
+    assert any(k.endswith("q_proj.lora_dude_base_fingerprint") for k in keys)
+    # Gradient norms are logged by default, through the Trainer's own logging.
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    assert all({"grad_norm/total", "grad_norm/magnitude", "grad_norm/lora_A", "grad_norm/lora_B"} <= h.keys() for h in rows)
+
+
+def test_grad_norm_logging_can_be_turned_off_and_dtype_is_kept(tmp_path, tiny_model_dir):
+    """`log_grad_norms=False` leaves the logs as SFTTrainer writes them; TRL's
+    `model_init_kwargs` dtype still applies to a model given by path."""
+    config = DuDeConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], method="dude")
+    args = _args(tmp_path, max_steps=2, model_init_kwargs={"dtype": "bfloat16"}, bf16=True)
+    trainer = DuDeSFTTrainer(model=tiny_model_dir, args=args, train_dataset=DATA, peft_config=config,
+                             log_grad_norms=False)  # fmt: skip
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert len(_losses(trainer)) == 2
+    assert not any(k.startswith("grad_norm/") for h in trainer.state.log_history for k in h)
 
 
 @pytest.mark.parametrize("method", ["dude_a", "pissa", "dora"])

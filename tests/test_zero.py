@@ -298,3 +298,47 @@ def test_zero3_resume_matches_uninterrupted_training(zero_runs):
     at_checkpoint = load_file(os.path.join(job_dir, "trainer", "checkpoint-2", "adapter_model.safetensors"))
     _assert_close(resumed, _adapter(zero_runs["two"], "z3-rand"), atol=1e-6)
     assert not all(torch.allclose(resumed[k], at_checkpoint[k], atol=1e-4) for k in resumed)
+
+
+_FAILING_INIT_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from conftest import make_llama
+import dude_trl.distributed as distributed
+from dude_trl import DuDeConfig, get_dude_model
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+real = distributed.decompose_layer
+
+def decompose_layer(module, name, *args):
+    if rank == 1:
+        raise MemoryError("simulated out of memory in " + name)
+    return real(module, name, *args)
+
+distributed.decompose_layer = decompose_layer
+try:
+    get_dude_model(make_llama(), DuDeConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), progress=False)
+    outcome = "no error"
+except Exception as err:
+    outcome = type(err).__name__ + ": " + str(err)
+with open(os.path.join({out!r}, "rank%d.json" % rank), "w") as f:
+    json.dump(outcome, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.multiproc
+def test_a_failed_decomposition_raises_on_every_rank(tmp_path):
+    """An SVD failing on one process (out of memory, say) must not leave the others waiting in a
+    broadcast until the collective timeout: every rank raises at once."""
+    script = tmp_path / "failing_init.py"
+    script.write_text(_FAILING_INIT_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert outcomes[1].startswith("MemoryError: simulated out of memory")
+    assert outcomes[0].startswith("RuntimeError: DuDe SVD init failed on another process")

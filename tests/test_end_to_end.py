@@ -1,0 +1,133 @@
+"""End to end on the real SmolLM2-135M-Instruct weights (`scripts/setup.sh` converts them into
+`models/`): DuDe init on real weights, the README's main job, and the method comparison.
+
+Skipped with a reason when the checkpoint is absent (run `scripts/fetch_smollm2.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+pytestmark = pytest.mark.skipif(
+    not (SMOLLM2 / "config.json").exists(),
+    reason=f"{SMOLLM2} missing: run `python scripts/fetch_smollm2.py` (part of scripts/setup.sh)",
+)
+
+# A short run: tiny data and generation budgets, logging every step.
+SHORT_RUN = [
+    "--num_train_samples", "16", "--max_length", "128", "--logging_steps", "1", "--save_steps", "2",
+    "--gsm8k_num_samples", "2", "--gsm8k_max_new_tokens", "8", "--gsm8k_eval_steps", "2", "--gsm8k_batch_size", "2",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+
+@pytest.mark.parametrize("method", ["dude", "dude_a"])
+def test_real_weights_output_unchanged_at_init(method):
+    """On real weights (576-wide, 30 layers) the q/v outputs and the logits at init equal the base
+    model's within 1e-5 of their scale in fp32 (exact SVD)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dude_trl import DuDeConfig, get_dude_model
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    base = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    ids = tokenizer(["Natalia sold clips to 48 of her friends in April, and then half as many in May."],
+                    return_tensors="pt").input_ids  # fmt: skip
+    config = DuDeConfig(method=method, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    model = get_dude_model(copy.deepcopy(base), config, progress=False).eval()
+
+    def outputs(m):
+        seen, hooks = {}, []
+        for name, module in m.named_modules():
+            if name.endswith(("q_proj", "v_proj")):
+                key = name.removeprefix("base_model.model.")
+                hooks.append(module.register_forward_hook(lambda mod, i, o, key=key: seen.__setitem__(key, o)))
+        with torch.no_grad():
+            logits = m(ids).logits
+        for hook in hooks:
+            hook.remove()
+        return logits, seen
+
+    expected_logits, expected = outputs(base)
+    logits, got = outputs(model)
+    assert got.keys() == expected.keys() and len(got) == 60
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5 * value.abs().max().item(), rtol=0, msg=name)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5 * expected_logits.abs().max().item(), rtol=0)
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs_offline(tmp_path):
+    """`accelerate launch examples/sft_metamath.py` with the demo config, shortened to 3 steps:
+    trains DuDe, evaluates GSM8K in the loop, and writes the adapter, trainer_state.json and
+    curves.png."""
+    out = tmp_path / "demo"
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "1",
+        str(ROOT / "examples" / "sft_metamath.py"), "--output_dir", str(out), "--max_steps", "3", *SHORT_RUN,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["method"] == "dude" and config["use_dora"] and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [row["loss"] for row in history if "loss" in row]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    assert all("grad_norm/magnitude" in row for row in history if "loss" in row)
+    assert [row["gsm8k/num_samples"] for row in history if "gsm8k/accuracy" in row] == [2, 2]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_compare_methods_writes_results_and_skips_finished_runs(tmp_path):
+    """Two methods, one seed, two steps; a second invocation reuses the finished runs."""
+    out = tmp_path / "compare"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "compare_methods.py"), "--output-dir", str(out),
+        "--max-steps", "2", "--seeds", "0", "--methods", "lora", "dude", *SHORT_RUN,
+        "--bf16", "false",  # fp32 (TRL defaults to bf16 autocast), so the first losses compare exactly
+    ]  # fmt: skip
+    first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("lora", 0), ("dude", 0)]
+    for run in runs:
+        assert {"losses", "grad_norms", "gsm8k_accuracy", "train_seconds", "trainable_params"} <= run.keys()
+        assert len(run["losses"]) == 2 and len(run["grad_norms"]) == 2
+        assert run["gsm8k_accuracy"] is not None and run["train_seconds"] > 0
+    lora, dude = runs
+    # Same rank and targets: DuDe trains LoRA's A and B plus one magnitude per output row
+    # (q: 576, v: 192, in each of the 30 layers).
+    assert dude["trainable_params"] == lora["trainable_params"] + 30 * (576 + 192)
+    # Both start from the base model's outputs, so with the same data order the first step's
+    # loss is the same; their gradients differ (LoRA's B = 0 starts every A gradient at zero).
+    assert dude["losses"][0] == pytest.approx(lora["losses"][0], rel=1e-5)
+    assert dude["grad_norms"][0] > 2 * lora["grad_norms"][0]
+    table = (out / "results.md").read_text()
+    assert "| lora | 1 |" in table and "| dude | 1 |" in table
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done before, skipped") == 2
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
+
