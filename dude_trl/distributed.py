@@ -35,7 +35,6 @@ from peft.utils.integrations import gather_params_ctx
 from tqdm.auto import tqdm
 
 from .config import DuDeConfig
-from .layer import is_quantized_layer
 from .model import _weight_shape, decompose_layer, init_params, reset_magnitude, svd_init_layer, write_init_factors
 
 logger = logging.getLogger(__name__)
@@ -106,14 +105,13 @@ def svd_init_layers_(
 
     With a process group of more than one process, the decompositions are shared between
     the processes (module docstring); every process must call this with the same layers in
-    the same order. Without one, or on quantized bases (whose residual is written by their
-    own path), every layer is decomposed here with `svd_init_layer`.
+    the same order. Without one, every layer is decomposed here with `svd_init_layer`.
+    (Quantized bases never come here: `dude_trl.quantized` writes their residual.)
     """
     rank, world_size = rank_and_world_size()
     start = time.perf_counter()
-    if world_size == 1 or any(is_quantized_layer(module.get_base_layer()) for _, module in layers):
+    if world_size == 1:
         decomposed = _serial_init(layers, adapter_name, config, progress)
-        world_size = 1
     else:
         decomposed = _split_init(layers, adapter_name, config, progress, rank, world_size)
     report = SVDInitReport(rank, world_size, len(layers), tuple(decomposed), time.perf_counter() - start)

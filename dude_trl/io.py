@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .config import SAVED_INIT_MARKER, DuDeConfig
-from .layer import DuDeLinearVariant, install_cache_invalidation, invalidate_norm_caches, is_quantized_layer
+from .layer import invalidate_norm_caches, is_quantized_layer
 from .model import (
     INIT_A,
     INIT_B,
@@ -47,6 +47,7 @@ from .model import (
     _register_init_factors,
     _write_frozen_weight,
     inject_adapter,
+    install_dude_variant_,
     load_base_model,
 )
 
@@ -373,15 +374,6 @@ def check_adapter_fits(model: PeftModel, weights: dict[str, torch.Tensor], adapt
             f"{'; '.join(problems)}. It was trained on a different base model or with another r/target_modules; "
             f"load it onto the base it was trained on{base_hint}."
         )
-
-
-def install_dude_variant_(model: PeftModel, adapter_name: str = "default") -> None:
-    """Use `DuDeLinearVariant` (DuDe's fast forward) on every magnitude layer of `adapter_name`."""
-    if not model.peft_config[adapter_name].has_magnitude:
-        return
-    for _, module in _dude_layers(model, adapter_name):
-        module.lora_variant[adapter_name] = DuDeLinearVariant()
-        install_cache_invalidation(module)
 
 
 def restore_dude_adapter_(

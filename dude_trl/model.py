@@ -171,6 +171,15 @@ def reset_magnitude(module: LoraLayer, adapter_name: str) -> None:
         magnitude.data.copy_(torch.linalg.vector_norm(merged, dim=1).to(magnitude.dtype))
 
 
+def install_dude_variant_(model: PeftModel, adapter_name: str = "default") -> None:
+    """Use `DuDeLinearVariant` (DuDe's fast forward) on every magnitude layer of `adapter_name`."""
+    if not model.peft_config[adapter_name].has_magnitude:
+        return
+    for _, module in _dude_layers(model, adapter_name):
+        module.lora_variant[adapter_name] = DuDeLinearVariant()
+        install_cache_invalidation(module)
+
+
 def initialize_dude_(model: nn.Module, adapter_name: str = "default", progress: bool = True) -> nn.Module:
     """Turn the freshly injected PEFT LoRA/DoRA layers of `model` into DuDe layers, in place.
 
@@ -199,10 +208,7 @@ def initialize_dude_(model: nn.Module, adapter_name: str = "default", progress: 
 
         # Shares the SVDs between the processes of a distributed run (serial otherwise).
         svd_init_layers_(layers, adapter_name, config, progress=progress)
-    if config.has_magnitude:
-        for _, module in layers:
-            module.lora_variant[adapter_name] = DuDeLinearVariant()
-            install_cache_invalidation(module)
+    install_dude_variant_(model, adapter_name)
     # Imported here: `io` builds on this module's helpers. A few numbers per layer, saved with
     # the adapter, let a reload detect a wrong base model.
     from .io import record_base_fingerprints_

@@ -34,11 +34,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .config import DuDeConfig
-from .layer import DuDeLinearVariant, install_cache_invalidation, invalidate_norm_caches
+from .layer import invalidate_norm_caches
 from .model import (
     _dude_layers,
     _register_init_factors,
     check_dude_layers,
+    install_dude_variant_,
     inject_adapter,
     load_base_model,
     reset_magnitude,
@@ -640,10 +641,7 @@ def initialize_quantized_dude_(
             if weights is not None:
                 weights.close()
         _log_summary(reports, checkpoint)
-    if config.has_magnitude:
-        for _, module in layers:
-            module.lora_variant[adapter_name] = DuDeLinearVariant()
-            install_cache_invalidation(module)
+    install_dude_variant_(model, adapter_name)
     config.base_quantization = base_quantization_record(model)
     from .io import record_base_fingerprints_
 
