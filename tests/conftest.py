@@ -46,6 +46,17 @@ def make_qwen2(seed: int = 0, vocab_size: int = len(SPECIAL) + len(CHARS)) -> Qw
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def perturb_trainable_(model: torch.nn.Module, seed: int = 1, scale: float = 0.1) -> torch.nn.Module:
+    """Move every trainable tensor (A, B, m) away from its initial value, as training would;
+    returns `model` in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

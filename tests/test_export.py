@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_qwen2
+from conftest import make_qwen2, perturb_trainable_
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -52,19 +52,9 @@ def make_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def trained_(model: PeftModel) -> PeftModel:
-    """Move A, B, m away from their initial values, as training would."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
 def trained(model: PreTrainedModel, config: DuDeConfig) -> PeftModel:
-    """A trained DuDe model (`trained_`) on `model`."""
-    return trained_(get_dude_model(model, config, progress=False))
+    """A trained DuDe model (`perturb_trainable_`) on `model`."""
+    return perturb_trainable_(get_dude_model(model, config, progress=False))
 
 
 def dude_config(method: str, **kwargs) -> DuDeConfig:
@@ -164,7 +154,7 @@ def test_merge_on_a_quantized_base_dequantizes(tiny_model_dir):
 
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = get_dude_model(tiny_model_dir, dude_config("dude"), quantization_config=nf4, progress=False)
-    model = trained_(model)
+    model = perturb_trainable_(model)
     expected = logits(model)
     merged = merge_to_base(model)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())

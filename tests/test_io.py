@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_qwen2
+from conftest import make_qwen2, perturb_trainable_
 from safetensors.torch import load_file, save_file
 from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -32,19 +32,9 @@ def dude_config(method: str = "dude", **kwargs) -> DuDeConfig:
                                         "svd_seed": 3, **kwargs})
 
 
-def train_(model: torch.nn.Module) -> torch.nn.Module:
-    """Move A, B, m away from their initial values, as training would."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
 def trained_dude_model(method: str = "dude", **config_kwargs) -> torch.nn.Module:
     """A trained DuDe model on the tiny Qwen2 (seed 0)."""
-    return train_(get_dude_model(make_qwen2(), dude_config(method, **config_kwargs), progress=False))
+    return perturb_trainable_(get_dude_model(make_qwen2(), dude_config(method, **config_kwargs), progress=False))
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -157,7 +147,7 @@ def test_reload_onto_quantized_base_is_exact(tmp_path, tiny_model_dir, method):
     """QDuDe: the stored 4-bit residual q(W0 - s*B0@A0) is rebuilt bit for bit from the full-precision W0."""
     pytest.importorskip("bitsandbytes")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = train_(get_dude_model(tiny_model_dir, dude_config(method), quantization_config=nf4, progress=False))
+    model = perturb_trainable_(get_dude_model(tiny_model_dir, dude_config(method), quantization_config=nf4, progress=False))
     model.save_pretrained(tmp_path)
     expected_logits, expected_weights = logits(model), frozen_weights(model)
 
