@@ -456,9 +456,7 @@ def load_dude_model(
     if quantization_config is None and config.base_quantization is not None and not quantized_object:
         raise ValueError(
             f"{source} was trained on a bitsandbytes base ({config.base_quantization}): its residual is that quantized "
-            f"matrix, and a full-precision base would give other outputs. Pass quantization_config="
-            f"dude_trl.quantized.bnb_config_from_record({config.base_quantization}) (or the BitsAndBytesConfig used in "
-            f"training); `python -m dude_trl.export` does this itself."
+            f"matrix, and a full-precision base would give other outputs. {_requantize_hint(config.base_quantization)}"
         )
     if quantization_config is not None or quantized_object:
         return _load_onto_quantized_base(
@@ -467,6 +465,13 @@ def load_dude_model(
     model = load_base_model(model_or_path, **model_kwargs)
     peft_model = inject_adapter(model, config, adapter_name)
     return restore_dude_adapter_(peft_model, weights, adapter_name, source=source, progress=progress)
+
+
+def _requantize_hint(record: dict[str, Any]) -> str:
+    return (
+        f"Pass quantization_config=dude_trl.quantized.bnb_config_from_record({record}) (the scheme used in "
+        f"training); `python -m dude_trl.export` does this itself."
+    )
 
 
 def _load_onto_quantized_base(
@@ -499,8 +504,7 @@ def _load_onto_quantized_base(
         if config.base_quantization is not None and found != config.base_quantization:
             raise ValueError(
                 f"{source} was trained on a bitsandbytes base quantized as {config.base_quantization}, but this base is "
-                f"quantized as {found}: the rebuilt residual would differ. Load with quantization_config="
-                f"dude_trl.quantized.bnb_config_from_record({config.base_quantization})."
+                f"quantized as {found}: the rebuilt residual would differ. {_requantize_hint(config.base_quantization)}"
             )
         if config.base_quantization is None and config.uses_svd_init:
             logger.warning(
