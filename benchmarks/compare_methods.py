@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from dude_trl.io import last_complete_checkpoint
+from dude_trl.resume import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sft_metamath.py"

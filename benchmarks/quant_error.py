@@ -8,7 +8,7 @@ For each target module of a real checkpoint, with ``E = W0 - W_eff``:
 
 it prints the Frobenius and nuclear norms of E (averaged over modules) and the reduction
 against plain NF4, then the error of the whole model's logits at init against the
-full-precision model. A, B come from `dude_trl.quantized.fit_quantized_factors`, the function
+full-precision model. A, B come from `dude_trl.svd.fit_factors`, the function
 `get_dude_model(..., quantization_config=...)` uses.
 
     python benchmarks/quant_error.py --model models/SmolLM2-135M-Instruct --threads 1 --ranks 16 64 --iters 0 1 2 5
@@ -28,9 +28,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from dude_trl import DuDeConfig
+from dude_trl.bases.bnb_storage import QuantSpec, prepare_bnb_layers_
 from dude_trl.model import get_dude_model
-from dude_trl.quantized import QuantSpec, fit_quantized_factors, prepare_bnb_layers_
-from dude_trl.svd import layer_seed
+from dude_trl.svd import fit_factors, layer_seed
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXT = [
@@ -55,9 +55,7 @@ def weight_errors(model, targets: list[str], r: int, alpha: float, spec: QuantSp
         W0 = module.weight.detach().float()
         errors = {"plain": W0 - spec.roundtrip(W0)}
         for T in iters:
-            f = fit_quantized_factors(
-                W0, r, scaling, "dude", spec, quant_iters=T, seed=layer_seed(0, name)
-            )
+            f = fit_factors(W0, r, scaling, "dude", spec.roundtrip, quant_iters=T, seed=layer_seed(0, name))
             residual = W0 - scaling * (f.B @ f.A)
             errors[f"qdude T={T}"] = residual - spec.roundtrip(residual)
         for key, E in errors.items():

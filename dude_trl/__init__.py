@@ -15,7 +15,8 @@ _EXPORTS = {
     "DuDeConfig": "config",
     "get_dude_model": "model",
     "initialize_dude_": "model",
-    "load_dude_model": "io",
+    "load_dude_model": "saving",
+    "export_peft_adapter": "export",
     "export_dora_adapter": "export",
     "DuDeSFTTrainer": "trainer",
     "GradNormCallback": "callbacks",
@@ -26,9 +27,9 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from .callbacks import GradNormCallback, GSM8KEvalCallback
     from .config import DuDeConfig
-    from .export import export_dora_adapter
-    from .io import load_dude_model
+    from .export import export_dora_adapter, export_peft_adapter
     from .model import get_dude_model, initialize_dude_
+    from .saving import load_dude_model
     from .trainer import DuDeSFTTrainer
 
 

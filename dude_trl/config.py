@@ -8,18 +8,17 @@ are carried by `method`; every `LoraConfig` field keeps its PEFT meaning.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from peft import LoraConfig
 
-#: Methods whose A, B come from the SVD of the pretrained weight (and whose base holds the residual).
-SVD_METHODS = ("dude", "dude_a", "dude_b", "pissa")
+from .methods import METHODS, Method, get_method
+
 # What a saved SVD-initialised adapter's `init_lora_weights` holds; PEFT rejects it by name.
 SAVED_INIT_MARKER = "dude_trl: load with dude_trl.get_dude_model(base, adapter_dir)"
-#: Methods with a trainable per-row magnitude vector (DoRA's decomposition).
-MAGNITUDE_METHODS = ("dude", "dude_a", "dude_b", "dora")
-METHODS = ("dude", "dude_a", "dude_b", "lora", "dora", "pissa")
 
 
 @dataclass
@@ -57,15 +56,14 @@ class DuDeConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown DuDe method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        get_method(self.method)  # a ValueError listing the methods for an unknown one
         if self.init_lora_weights not in (True, "gaussian"):
             raise ValueError(
                 f"DuDeConfig initialises the adapter through `method` (got init_lora_weights="
                 f"{self.init_lora_weights!r}); leave `init_lora_weights` at its default and pick "
                 f"method='pissa' or 'dude' for an SVD initialisation."
             )
-        wants_magnitude = self.method in MAGNITUDE_METHODS
+        wants_magnitude = self.has_magnitude
         if self.use_dora and not wants_magnitude:
             raise ValueError(
                 f"use_dora=True contradicts method={self.method!r}, which has no magnitude vector; "
@@ -76,7 +74,7 @@ class DuDeConfig(LoraConfig):
             raise ValueError(f"svd_niter must be None (exact SVD) or >= 0, got {self.svd_niter}.")
         if self.svd_oversample < 0:
             raise ValueError(f"svd_oversample must be >= 0 (extra sketch columns), got {self.svd_oversample}.")
-        if self.method in SVD_METHODS and self.lora_alpha <= 0:
+        if self.uses_svd_init and self.lora_alpha <= 0:
             raise ValueError(
                 f"method={self.method!r} splits the singular values by sqrt(S / s) with s = lora_alpha / r, "
                 f"so lora_alpha must be > 0 (got {self.lora_alpha})."
@@ -101,16 +99,40 @@ class DuDeConfig(LoraConfig):
     def from_peft_type(cls, **kwargs: Any) -> "DuDeConfig":
         """Build this class from saved fields: PEFT maps ``peft_type="LORA"`` to `LoraConfig`, which
         would drop `method` and the SVD settings in `DuDeConfig.from_pretrained(adapter_dir)`."""
-        from .io import dude_config_from_dict
-
         return dude_config_from_dict(kwargs, cls)
+
+    @property
+    def method_spec(self) -> Method:
+        """The method table's row for `method`."""
+        return get_method(self.method)
 
     @property
     def uses_svd_init(self) -> bool:
         """True when A, B come from the SVD of the base weight and the base holds the residual."""
-        return self.method in SVD_METHODS
+        return self.method_spec.uses_svd_init
 
     @property
     def has_magnitude(self) -> bool:
         """True when the adapter has DoRA's trainable magnitude vector."""
-        return self.method in MAGNITUDE_METHODS
+        return self.method_spec.has_magnitude
+
+
+def dude_config_from_dict(values: dict[str, Any], config_cls: type = DuDeConfig, source: str = "config") -> DuDeConfig:
+    """A `DuDeConfig` (or subclass) from the fields of an ``adapter_config.json``.
+
+    PEFT's own `PeftConfig.from_pretrained` maps ``peft_type="LORA"`` to `LoraConfig`, which drops
+    `method` and the SVD settings; this keeps them. Fields this version does not know (written by
+    a newer PEFT) are dropped with a warning, as PEFT does.
+    """
+    if "method" not in values:
+        raise ValueError(
+            f"{source} has no `method` field, so it is not a DuDe adapter (a plain PEFT LoRA/DoRA adapter?). "
+            f"Load it with peft.PeftModel.from_pretrained, or save the adapter from a DuDe model."
+        )
+    if values.get("init_lora_weights") == SAVED_INIT_MARKER:
+        values = {**values, "init_lora_weights": True}
+    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    unknown = sorted(set(values) - known - {"runtime_config"})
+    if unknown:
+        warnings.warn(f"Ignoring fields {unknown} of {source}, unknown to this version of PEFT/dude_trl.")
+    return config_cls(**{k: v for k, v in values.items() if k in known})

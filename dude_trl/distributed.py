@@ -10,7 +10,7 @@ layers. Instead the layers are cut into blocks of `world_size` layers; within a 
 2. process ``k`` decomposes the ``k``-th layer of the block;
 3. each layer's float32 ``(A, B)`` is broadcast from the process that computed it;
 4. every process writes A, B, the residual ``W0 - s B A`` and the init buffers exactly as
-   the serial `svd_init_layer` does, so all processes hold bit-identical values (the gather
+   the serial path does, so all processes hold bit-identical values (the gather
    context re-partitions ZeRO-3 weights from rank 0 on exit).
 
 Layers are ordered by SVD cost before being cut into blocks, so the layers of a block take
@@ -34,8 +34,10 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import gather_params_ctx
 from tqdm.auto import tqdm
 
+from .bases.full import FullPrecisionBase
 from .config import DuDeConfig
-from .model import _weight_shape, decompose_layer, init_params, reset_magnitude, svd_init_layer, write_init_factors
+from .layer_init import decompose_layer, init_params, reset_magnitude, weight_to_decompose, write_init_factors
+from .layers import weight_shape
 
 logger = logging.getLogger(__name__)
 
@@ -97,23 +99,23 @@ def svd_init_layers_(
     layers: Sequence[tuple[str, LoraLayer]],
     adapter_name: str,
     config: DuDeConfig,
+    base: FullPrecisionBase,
     *,
     progress: bool = True,
 ) -> SVDInitReport:
-    """SVD-initialise `layers` (``(name, LoRA layer)`` pairs) in place, and the magnitude
-    when `config` has one.
+    """SVD-initialise `layers` (``(name, LoRA layer)`` pairs) in place on the base backend
+    `base`, and the magnitude when `config` has one.
 
     With a process group of more than one process, the decompositions are shared between
     the processes (module docstring); every process must call this with the same layers in
-    the same order. Without one, every layer is decomposed here with `svd_init_layer`.
-    (Quantized bases never come here: `dude_trl.quantized` writes their residual.)
+    the same order. Without one, every layer is decomposed here, one after the other.
     """
     rank, world_size = rank_and_world_size()
     start = time.perf_counter()
     if world_size == 1:
-        decomposed = _serial_init(layers, adapter_name, config, progress)
+        decomposed = _serial_init(layers, adapter_name, config, base, progress)
     else:
-        decomposed = _split_init(layers, adapter_name, config, progress, rank, world_size)
+        decomposed = _split_init(layers, adapter_name, config, base, progress, rank, world_size)
     report = SVDInitReport(rank, world_size, len(layers), tuple(decomposed), time.perf_counter() - start)
     logger.debug(
         "rank %d decomposed %d of %d layers: %s", rank, len(decomposed), len(layers), ", ".join(decomposed),
@@ -133,11 +135,19 @@ def _progress_bar(total: int, config: DuDeConfig, enabled: bool) -> tqdm:
 
 
 def _serial_init(
-    layers: Sequence[tuple[str, LoraLayer]], adapter_name: str, config: DuDeConfig, progress: bool
+    layers: Sequence[tuple[str, LoraLayer]],
+    adapter_name: str,
+    config: DuDeConfig,
+    base: FullPrecisionBase,
+    progress: bool,
 ) -> list[str]:
     with _progress_bar(len(layers), config, progress) as bar:
         for name, module in layers:
-            svd_init_layer(module, name, adapter_name, config)
+            with gather_params_ctx(init_params(module, adapter_name), modifier_rank=0):
+                W0 = weight_to_decompose(module, name, adapter_name, base)
+                factors = decompose_layer(module, name, adapter_name, config, base, W0)
+                write_init_factors(module, adapter_name, factors.A, factors.B, W0, base)
+                base.note_initialised(name, module, W0, factors.error, factors.round)
             if config.has_magnitude:
                 reset_magnitude(module, adapter_name)
             bar.update(1)
@@ -148,11 +158,12 @@ def _split_init(
     layers: Sequence[tuple[str, LoraLayer]],
     adapter_name: str,
     config: DuDeConfig,
+    base: FullPrecisionBase,
     progress: bool,
     rank: int,
     world_size: int,
 ) -> list[str]:
-    shapes = [_weight_shape(module.get_base_layer()) for _, module in layers]
+    shapes = [weight_shape(module.get_base_layer()) for _, module in layers]
     lora_ranks = [module.r[adapter_name] for _, module in layers]
     device = _communication_device()
     _check_same_layers_everywhere([name for name, _ in layers], shapes, lora_ranks, device)
@@ -165,22 +176,26 @@ def _split_init(
             # context exits, then re-partitions them from rank 0's copy (identical on all ranks).
             params = [p for _, module in members for p in init_params(module, adapter_name)]
             with gather_params_ctx(params, modifier_rank=0):
-                own, error = None, None
+                own, own_W0, error = None, None, None
                 if rank < len(members):
                     name, module = members[rank]
                     try:
-                        own = decompose_layer(module, name, adapter_name, config)
+                        own_W0 = weight_to_decompose(module, name, adapter_name, base)
+                        own = decompose_layer(module, name, adapter_name, config, base, own_W0)
+                        base.note_initialised(name, module, own_W0, own.error, own.round)
                     except Exception as err:  # re-raised below, once every rank knows
                         error = err
                     decomposed.append(name)
                 _raise_on_every_rank(error, [name for name, _ in members], device)
                 for owner, index in enumerate(block):
                     out_features, in_features = shapes[index]
+                    name, module = layers[index]
                     A, B = _broadcast_factors(
-                        own if owner == rank else None, lora_ranks[index], out_features, in_features,
+                        (own.A, own.B) if owner == rank else None, lora_ranks[index], out_features, in_features,
                         src=owner, device=device,
                     )
-                    write_init_factors(layers[index][1], adapter_name, A, B)
+                    W0 = own_W0 if owner == rank else weight_to_decompose(module, name, adapter_name, base)
+                    write_init_factors(module, adapter_name, A.to(W0.device), B.to(W0.device), W0, base)
             if config.has_magnitude:
                 for _, module in members:
                     reset_magnitude(module, adapter_name)

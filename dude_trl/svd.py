@@ -1,4 +1,5 @@
-"""Top-r SVD of a weight and its split into LoRA factors (DESIGN.md, "The method").
+"""Top-r SVD of a weight, its split into LoRA factors (DESIGN.md, "The method"), and the fit of
+those factors to a base that stores its residual lossily (a quantized base).
 
 All functions take and return the PyTorch layout ``out x in`` and work in float32 on the
 device of their input, so a GPU does the decomposition when the weight lives there.
@@ -7,9 +8,11 @@ device of their input, so a GPU does the decomposition when the weight lives the
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from .methods import METHOD_TABLE, get_method
 
 
 class TopSVD(NamedTuple):
@@ -67,14 +70,71 @@ def top_r_svd(
 
 def split_factors(svd: TopSVD, scaling: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the top-r SVD into ``(A, B)`` (A: r x in, B: out x r) with
-    ``scaling * B @ A == U diag(S) Vh`` for every method (DESIGN.md table)."""
+    ``scaling * B @ A == U diag(S) Vh``, as the method table says for `method`."""
     U, S, Vh = svd
+    split = get_method(method).split
     s_over = S / scaling
-    if method in ("dude", "pissa"):
+    if split == "sqrt":
         root = s_over.sqrt()
         return root[:, None] * Vh, U * root[None, :]
-    if method == "dude_a":
+    if split == "A":
         return s_over[:, None] * Vh, U.clone()
-    if method == "dude_b":
+    if split == "B":
         return Vh.clone(), U * s_over[None, :]
-    raise ValueError(f"method {method!r} has no SVD split; expected one of dude, dude_a, dude_b, pissa.")
+    svd_methods = ", ".join(name for name, row in METHOD_TABLE.items() if row.uses_svd_init)
+    raise ValueError(f"method {method!r} has no SVD split; expected one of {svd_methods}.")
+
+
+class FittedFactors(NamedTuple):
+    """A, B (float32) whose residual ``W0 - s*B@A`` is what the base stores.
+
+    ``error`` is ``||W0 - (stored(W_res) + s*B@A)||_F`` for these A, B (0.0 when the base stores
+    the residual exactly); ``round`` is the refinement round they come from (0: SVD of W0).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    error: float
+    round: int
+
+
+def fit_factors(
+    W0: torch.Tensor,
+    r: int,
+    scaling: float,
+    method: str,
+    roundtrip: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    *,
+    quant_iters: int = 0,
+    svd_niter: Optional[int] = None,
+    svd_oversample: int = 8,
+    seed: int = 0,
+) -> FittedFactors:
+    """Top-r factors of `W0` for a base that stores the residual as ``roundtrip(W_res)``.
+
+    Without `roundtrip` (an exact store) this is the `method` split of the SVD of W0. With one
+    (e.g. quantize then dequantize), each of `quant_iters` refinement rounds re-fits A, B to
+    what the previous residual's round trip lost, ``A, B <- split(SVD_r(W0 - roundtrip(W_res)))``
+    (LoftQ / QPiSSA alternation), and the round with the lowest error is kept, so more rounds
+    never increase the error. The returned A, B are always paired with the residual that gets stored.
+    """
+    W0 = W0.detach().float()
+
+    def fit(target: torch.Tensor, round_: int) -> tuple[FittedFactors, Optional[torch.Tensor]]:
+        svd = top_r_svd(target, r, svd_niter, oversample=svd_oversample, seed=seed)
+        A, B = split_factors(svd, scaling, method)
+        if roundtrip is None:
+            return FittedFactors(A, B, 0.0, round_), None
+        residual = W0 - scaling * (B @ A)
+        stored = roundtrip(residual)
+        error = torch.linalg.matrix_norm(residual - stored).item()
+        return FittedFactors(A, B, error, round_), stored
+
+    best, stored = fit(W0, 0)
+    if roundtrip is None:
+        return best
+    for round_ in range(1, quant_iters + 1):
+        candidate, stored = fit(W0 - stored, round_)
+        if candidate.error < best.error:
+            best = candidate
+    return best

@@ -13,11 +13,11 @@ from typing import Any, Optional, Union
 
 from trl import SFTTrainer
 
+from .bases.bnb import validate_quantization_config
 from .callbacks import GradNormCallback
 from .config import DuDeConfig
-from .io import prepare_dude_resume
 from .model import initialize_dude_
-from .quantized import initialize_quantized_dude_, is_quantized_model, validate_quantization_config
+from .resume import prepare_dude_resume
 
 
 class DuDeSFTTrainer(SFTTrainer):
@@ -37,18 +37,17 @@ class DuDeSFTTrainer(SFTTrainer):
             # Refuse GPTQ/AWQ/... before TRL loads anything.
             kwargs["quantization_config"] = validate_quantization_config(kwargs["quantization_config"])
         super().__init__(*args, peft_config=peft_config, **kwargs)
-        if is_dude and is_quantized_model(self.model):
-            # TRL loaded (and quantized) the base itself; W0 is read back from the checkpoint it came from.
+        if is_dude:
+            # TRL loaded (and, with a quantization_config, quantized) the base itself; a quantized
+            # base reads W0 back from the checkpoint it came from.
             model = kwargs.get("model", args[0] if args else None)
-            initialize_quantized_dude_(
+            initialize_dude_(
                 self.model,
                 "default",
                 progress=self.is_world_process_zero(),
                 checkpoint=model if isinstance(model, str) else None,
                 checkpoint_kwargs=self.args.model_init_kwargs,
             )
-        elif is_dude:
-            initialize_dude_(self.model, adapter_name="default", progress=self.is_world_process_zero())
         if log_grad_norms:
             GradNormCallback.ensure_attached(self)
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from dude_trl import DuDeConfig, get_dude_model
-from dude_trl.export import export_dora_adapter, main, merge_to_base
+from dude_trl.export import export_dora_adapter, merge_to_base
+from dude_trl.export.__main__ import main
 
 METHODS = ["dude", "dude_a", "dude_b", "pissa", "dora", "lora"]
 INPUT_IDS = [[5, 17, 42, 8, 66, 23, 9, 31], [12, 3, 77, 45, 60, 14, 29, 50]]

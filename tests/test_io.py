@@ -12,14 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
 
 from dude_trl import DuDeConfig, get_dude_model
-from dude_trl.io import (
-    FINGERPRINT,
-    load_dude_model,
-    read_adapter_weights,
-    read_dude_config,
-    restore_residual_for_resume_,
-)
-from dude_trl.model import INIT_A, INIT_B
+from dude_trl.layers import FINGERPRINT, INIT_A, INIT_B
+from dude_trl.resume import restore_residual_for_resume_
+from dude_trl.saving import load_dude_model, read_adapter_weights, read_dude_config
 
 METHODS = ["dude", "dude_a", "dude_b", "pissa", "dora", "lora"]
 TARGETS = ["q_proj", "v_proj", "up_proj"]

@@ -1,4 +1,4 @@
-"""The fast DuDe forward (dude_trl/layer.py): the expanded row norm, its per-step cache, the
+"""The fast DuDe forward (dude_trl/variant.py): the expanded row norm, its per-step cache, the
 fused row scaling, dropout, merge/unmerge and equivalence with PEFT's DoRA.
 
 The reference everywhere is the direct formula on the full matrix,
@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import dude_trl.layer as layer_mod
+import dude_trl.variant as layer_mod
 from conftest import make_qwen2
 from dude_trl import DuDeConfig, get_dude_model
-from dude_trl.layer import DuDeLinearVariant, dude_weight_norm, invalidate_norm_caches
+from dude_trl.variant import DuDeLinearVariant, dude_weight_norm, invalidate_norm_caches
 
 ADAPTER = "default"
 
@@ -573,7 +573,7 @@ import copy, os, sys
 sys.path.insert(0, sys.argv[1])  # tests/ (conftest helpers)
 import torch
 import deepspeed
-import dude_trl.layer as layer_mod
+import dude_trl.variant as layer_mod
 from conftest import make_qwen2
 from dude_trl import DuDeConfig, get_dude_model
 

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import make_llama, make_qwen2
 from dude_trl import DuDeConfig, get_dude_model
 from dude_trl.config import METHODS
-from dude_trl.layer import DuDeLinearVariant
+from dude_trl.variant import DuDeLinearVariant
 
 IDS = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -21,9 +21,9 @@ from dude_trl.plan import (
     deepspeed_model_states,
     inspect_model,
     load_model_config,
-    main,
     plan_memory,
 )
+from dude_trl.plan.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,7 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from dude_trl.plot import accuracy_limits, extract_curves, find_trainer_state, load_run, main, method_label, moving_average, plot_runs
+from dude_trl.plot import accuracy_limits, extract_curves, find_trainer_state, load_run, method_label, moving_average, plot_runs
+from dude_trl.plot.__main__ import main
 
 
 def history(n_steps: int = 12, with_total: bool = True, with_accuracy: bool = True) -> list[dict]:

@@ -21,19 +21,12 @@ from trl import SFTConfig
 
 from conftest import make_llama, make_qwen2, make_tokenizer
 from dude_trl import DuDeConfig, DuDeSFTTrainer
-from dude_trl.layer import DuDeLinearVariant
+from dude_trl.bases.bnb import check_quantized_model, merge_and_dequantize, validate_quantization_config
+from dude_trl.bases.bnb_storage import QuantSpec, dequantized_weight, is_bnb_layer
+from dude_trl.checkpoint import CheckpointWeights
 from dude_trl.model import get_dude_model
-from dude_trl.quantized import (
-    CheckpointWeights,
-    QuantSpec,
-    check_quantized_model,
-    dequantized_weight,
-    fit_quantized_factors,
-    get_quantized_dude_model,
-    is_bnb_layer,
-    merge_and_dequantize,
-    validate_quantization_config,
-)
+from dude_trl.svd import fit_factors
+from dude_trl.variant import DuDeLinearVariant
 
 TARGETS = ["q_proj", "v_proj"]
 FP32 = torch.float32
@@ -213,13 +206,13 @@ def test_quant_iters_lowers_error_and_stores_the_matching_residual(model_dir, fl
         assert torch.equal(dequantized_weight(base), QuantSpec.from_layer(base).roundtrip(residual))
 
 
-def test_fit_quantized_factors_keeps_svd_identity():
+def test_fit_factors_keeps_svd_identity():
     gen = torch.Generator().manual_seed(0)
     W0 = torch.randn(48, 64, generator=gen) @ torch.diag(0.9 ** torch.arange(64.0)) @ torch.randn(64, 64, generator=gen)
     spec = QuantSpec(bits=4, quant_type="nf4")
     for method in SVD_METHODS:
-        f0 = fit_quantized_factors(W0, 8, 2.0, method, spec)
-        f3 = fit_quantized_factors(W0, 8, 2.0, method, spec, quant_iters=3)
+        f0 = fit_factors(W0, 8, 2.0, method, spec.roundtrip)
+        f3 = fit_factors(W0, 8, 2.0, method, spec.roundtrip, quant_iters=3)
         assert f0.round == 0 and f3.error <= f0.error
         U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
         torch.testing.assert_close(2.0 * f0.B @ f0.A, (U[:, :8] * S[:8]) @ Vh[:8], atol=1e-4, rtol=1e-4)
@@ -238,8 +231,8 @@ def test_full_precision_model_object_is_quantized_like_its_path(model_dir, float
 def test_already_quantized_model_is_decomposed_with_a_note(model_dir, float_model, caplog):
     quantized = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=QUANT["nf4"](), dtype=torch.float32)
     W0_deq = {n: dequantized_weight(quantized.get_submodule(n)) for n in ("model.layers.0.self_attn.q_proj",)}
-    with caplog.at_level(logging.WARNING, logger="dude_trl.quantized"):
-        model = get_quantized_dude_model(quantized, _config("dude"), progress=False)
+    with caplog.at_level(logging.WARNING, logger="dude_trl.bases.bnb"):
+        model = get_dude_model(quantized, _config("dude"), progress=False)
     assert "more accurate" in caplog.text
     layer = _lora_layers(model)["model.layers.0.self_attn.q_proj"]
     # Decomposed from deq(q(W0)), re-quantizing the residual adds a second rounding: the error
@@ -422,9 +415,9 @@ def test_saved_adapter_holds_factors_that_rebuild_the_residual(model_dir, float_
 
 @pytest.mark.parametrize("quant", ["nf4", pytest.param("int8", marks=SLOW)])
 def test_trained_adapter_reloads_onto_a_fresh_quantized_base(model_dir, tmp_path, quant):
-    """save_pretrained, then dude_trl.io.load_dude_model rebuilds q(W0 - s*B0@A0) from the
+    """save_pretrained, then dude_trl.saving.load_dude_model rebuilds q(W0 - s*B0@A0) from the
     full-precision checkpoint and reproduces the trained model's outputs."""
-    from dude_trl.io import load_dude_model
+    from dude_trl.saving import load_dude_model
 
     model = _qdude(model_dir, "dude", quant, quant_iters=1)
     _train(model, steps=3)
@@ -440,9 +433,9 @@ def test_reload_checks_the_recorded_quantization(model_dir, tmp_path):
     """A QDuDe adapter records its base's scheme: reloading it without a quantization config or
     with another scheme fails by name instead of rebuilding another residual; the export CLI
     reloads it quantized the same way, so the merged model equals the trained one."""
-    from dude_trl.export import main as export_main
-    from dude_trl.io import load_dude_model
-    from dude_trl.quantized import bnb_config_from_record
+    from dude_trl.bases.bnb import bnb_config_from_record
+    from dude_trl.export.__main__ import main as export_main
+    from dude_trl.saving import load_dude_model
 
     model = _qdude(model_dir, "dude", "nf4")
     _train(model, steps=2)

@@ -140,8 +140,8 @@ from trl import SFTConfig
 sys.path.insert(0, os.environ["DUDE_TESTS_DIR"])
 from conftest import make_tokenizer
 from dude_trl import DuDeConfig, DuDeSFTTrainer
-from dude_trl.io import load_dude_model
-from dude_trl.model import _dude_layers
+from dude_trl.layers import dude_layers
+from dude_trl.saving import load_dude_model
 
 base_dir, out, ds_config = sys.argv[1:4]
 rank = int(os.environ["RANK"])
@@ -162,7 +162,7 @@ def trainer(output_dir, svd_seed, max_steps, save):
 
 def residuals(model):
     state, partitioned = {}, False
-    for name, module in _dude_layers(model, "default"):
+    for name, module in dude_layers(model, "default"):
         weight = module.get_base_layer().weight
         partitioned |= hasattr(weight, "ds_id")
         with gather_params_ctx([weight], modifier_rank=None):

@@ -10,7 +10,7 @@ from trl import SFTConfig, SFTTrainer
 
 from conftest import make_qwen2, make_tokenizer
 from dude_trl import DuDeConfig, DuDeSFTTrainer
-from dude_trl.layer import DuDeLinearVariant
+from dude_trl.variant import DuDeLinearVariant
 
 DATA = Dataset.from_dict({"text": [f"Q: {i} plus {i + 3}? A: {2 * i + 3}." for i in range(48)]})
 

@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import make_qwen2, make_tokenizer  # noqa: E402
 
 import dude_trl.distributed  # noqa: E402
-import dude_trl.model  # noqa: E402
+import dude_trl.layer_init  # noqa: E402
 from dude_trl import DuDeConfig, DuDeSFTTrainer  # noqa: E402
-from dude_trl.model import INIT_A, INIT_B  # noqa: E402
+from dude_trl.layers import INIT_A, INIT_B  # noqa: E402
 
 TEXT_LENGTH = 24
 NUM_SAMPLES = 32
@@ -214,7 +214,7 @@ def main() -> None:
     dist_logger.setLevel(logging.DEBUG)
     meter = GatherMeter()
     dude_trl.distributed.gather_params_ctx = meter.wrap(dude_trl.distributed.gather_params_ctx)
-    dude_trl.model.gather_params_ctx = meter.wrap(dude_trl.model.gather_params_ctx)
+    dude_trl.layer_init.gather_params_ctx = meter.wrap(dude_trl.layer_init.gather_params_ctx)
 
     for name, deepspeed_config, svd_niter in map(parse_job, cli.job):
         job_dir = os.path.join(cli.out_dir, name)

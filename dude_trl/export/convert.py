@@ -6,37 +6,38 @@ base ``W0`` the same matrix is a rank-2r LoRA update with
     B' = [B, -B0]   (out x 2r),    A' = [A; A0]   (2r x in),    s' = s,
 
 since ``W0 + s (B A - B0 A0) = W_res + s B A``. The direction DoRA normalises is the same matrix,
-so the trained magnitude carries over unchanged. `export_dora_adapter` writes that adapter with
+so the trained magnitude carries over unchanged. `export_peft_adapter` writes that adapter with
 plain `LoraConfig` fields (``use_dora=True`` for the magnitude methods, ``use_rslora=False`` and
 ``lora_alpha = s * 2r``, per-layer `rank_pattern`/`alpha_pattern` where layers differ), which
 `peft.PeftModel.from_pretrained` loads without dude_trl installed. The ``lora``/``dora`` baselines
 never change the base and are written as they are.
 
 `export_merged_model` saves ``merge_and_unload()``: a plain transformers model for servers
-without DoRA support (vLLM). The CLI wraps both:
+without DoRA support (vLLM). The CLI (`dude_trl/export/__main__.py`) wraps both:
 
     python -m dude_trl.export --adapter DIR --base MODEL --to merged|dora --out DIR
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
 import os
 from collections import Counter
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from .config import DuDeConfig
-from .io import FINGERPRINT, SAFE_WEIGHTS_NAME, load_dude_model, read_dude_config
-from .layer import is_quantized_layer
-from .model import INIT_A, INIT_B, _dude_layers
+from ..bases import base_for
+from ..config import DuDeConfig
+from ..layers import FINGERPRINT, INIT_A, INIT_B, dude_layers
+from ..saving import SAFE_WEIGHTS_NAME
+from ..variant import is_quantized_layer
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,11 @@ def _dude_config(model: PeftModel, adapter_name: str) -> DuDeConfig:
 
 
 def _has_quantized_base(model: PeftModel, adapter_name: str) -> bool:
-    return any(is_quantized_layer(module.get_base_layer()) for _, module in _dude_layers(model, adapter_name))
+    return any(is_quantized_layer(module.get_base_layer()) for _, module in dude_layers(model, adapter_name))
 
 
 def _check_exportable(model: PeftModel, adapter_name: str) -> None:
-    for name, module in _dude_layers(model, adapter_name):
+    for name, module in dude_layers(model, adapter_name):
         if module.merged:
             raise ValueError(f"Layer {name!r} has merged adapters; call model.unmerge_adapter() before exporting.")
         params = [module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight]
@@ -86,7 +87,7 @@ def _rank_and_alpha(layers: dict[str, tuple[int, float]], default: tuple[int, fl
     return rank_pattern, alpha_pattern
 
 
-def dora_adapter_state_dict(
+def peft_adapter_state_dict(
     model: PeftModel, adapter_name: str = "default"
 ) -> tuple[dict[str, torch.Tensor], LoraConfig]:
     """The tensors and `LoraConfig` of the vanilla PEFT adapter equivalent to a DuDe adapter on the
@@ -101,7 +102,7 @@ def dora_adapter_state_dict(
             "own outputs merge it instead (merge_to_base dequantizes)."
         )
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    layers = _dude_layers(model, adapter_name)
+    layers = dude_layers(model, adapter_name)
 
     fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     values = {k: v for k, v in config.to_dict().items() if k in fields}
@@ -138,7 +139,7 @@ def dora_adapter_state_dict(
     return state, LoraConfig(**values)
 
 
-def export_dora_adapter(
+def export_peft_adapter(
     model: PeftModel,
     output_dir: Union[str, os.PathLike],
     adapter_name: str = "default",
@@ -152,9 +153,7 @@ def export_dora_adapter(
     computes what the DuDe model computes, without dude_trl installed (DoRA for ``dude``,
     ``dude_a``, ``dude_b``, ``dora``; LoRA for ``pissa``, ``lora``). Returns `output_dir`.
     """
-    from safetensors.torch import save_file
-
-    state, config = dora_adapter_state_dict(model, adapter_name)
+    state, config = peft_adapter_state_dict(model, adapter_name)
     if base_model_name_or_path is not None:
         config.base_model_name_or_path = base_model_name_or_path
     output_dir = os.fspath(output_dir)
@@ -172,16 +171,13 @@ def merge_to_base(model: PeftModel, adapter_name: str = "default") -> PreTrained
     """The plain transformers model computing what `model` computes: each adapted weight becomes
     ``m / ||W_res + s B A||_row * (W_res + s B A)`` (``W_res + s B A`` without a magnitude), and
     the PEFT layers and DuDe buffers are dropped. On a bitsandbytes base the result is full
-    precision, merged with the dequantized residual (`dude_trl.quantized.merge_and_dequantize`;
+    precision, merged with the dequantized residual (`dude_trl.bases.bnb.merge_and_dequantize`;
     PEFT's own merge would re-quantize it). `model` is consumed."""
     _dude_config(model, adapter_name)
     _check_exportable(model, adapter_name)
     model.set_adapter(adapter_name)
-    if _has_quantized_base(model, adapter_name):
-        from .quantized import merge_and_dequantize
-
-        return merge_and_dequantize(model)
-    return model.merge_and_unload()
+    with base_for(model) as base:
+        return base.merge_and_unload(model)
 
 
 def export_merged_model(
@@ -200,88 +196,6 @@ def export_merged_model(
     return os.fspath(output_dir)
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _base_dtype(base: str, requested: str) -> Optional[torch.dtype]:
-    """The dtype to save a merged model in: `requested`, or for ``auto`` the base's own (float32 if unknown)."""
-    if requested != "auto":
-        return _DTYPES[requested]
-    from transformers import AutoConfig
-
-    stored = getattr(AutoConfig.from_pretrained(base), "dtype", None)
-    if isinstance(stored, str):
-        stored = _DTYPES.get(stored.removeprefix("torch."))
-    return stored if isinstance(stored, torch.dtype) else torch.float32
-
-
-def _copy_tokenizer(base: str, output_dir: str) -> bool:
-    """Save the base's tokenizer next to the merged model, if the base has one."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, KeyError) as err:
-        logger.info("No tokenizer copied from %s (%s).", base, err)
-        return False
-    tokenizer.save_pretrained(output_dir)
-    return True
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dude_trl.export",
-        description="Export a saved DuDe adapter for the original base: a merged transformers model (for serving, "
-        "e.g. vLLM) or a vanilla PEFT DoRA/LoRA adapter (loadable without dude_trl).",
-    )
-    parser.add_argument("--adapter", required=True, help="adapter directory (save_pretrained / Trainer checkpoint)")
-    parser.add_argument("--base", required=True, help="the original base model: hub id or local directory")
-    parser.add_argument("--to", required=True, choices=("merged", "dora"), help="what to write")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument(
-        "--dtype", default="auto", choices=("auto", *_DTYPES),
-        help="dtype of the merged model (default: the base's own); the merge itself runs in float32",
-    )
-    parser.add_argument("--adapter-name", default="default", help="PEFT adapter name (default: %(default)s)")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Entry point of ``python -m dude_trl.export``."""
-    args = _parser().parse_args(argv)
-    record = read_dude_config(args.adapter).base_quantization
-    quantization_config = None
-    if record is not None:
-        from .quantized import bnb_config_from_record
-
-        # The trained model computed with the quantized residual: rebuild exactly that one
-        # (merging dequantizes it), instead of silently exporting another model.
-        quantization_config = bnb_config_from_record(record)
-        print(f"{args.adapter} was trained on a bitsandbytes base {record}: loading the base quantized the same way.")
-    model = load_dude_model(
-        args.base, args.adapter, adapter_name=args.adapter_name, quantization_config=quantization_config,
-        dtype=torch.float32,
-    )
-    if args.to == "dora":
-        export_dora_adapter(model, args.out, args.adapter_name, base_model_name_or_path=args.base)
-        print(f"Wrote a PEFT adapter for {args.base} to {args.out}: PeftModel.from_pretrained(base, {args.out!r}).")
-        return
-    export_merged_model(model, args.out, args.adapter_name, dtype=_base_dtype(args.base, args.dtype))
-    tokenizer = " and its tokenizer" if _copy_tokenizer(args.base, args.out) else ""
-    print(f"Wrote the merged model{tokenizer} to {args.out}.")
-
-
-__all__ = [
-    "dora_adapter_state_dict",
-    "export_dora_adapter",
-    "export_merged_model",
-    "main",
-    "merge_to_base",
-]
-
-if __name__ == "__main__":
-    main()
+# The names of earlier releases: the export is DoRA only for the magnitude methods.
+dora_adapter_state_dict = peft_adapter_state_dict
+export_dora_adapter = export_peft_adapter

@@ -1,6 +1,4 @@
-"""Plot training curves of one or more runs side by side.
-
-    python -m dude_trl.plot RUN_DIR [RUN_DIR ...] --out curves.png [--labels A B] [--smooth K]
+"""Plot training curves of one or more runs side by side (``python -m dude_trl.plot`` is the CLI).
 
 Each run directory is what `Trainer.save_state()` / checkpointing leaves behind: the
 curves come from ``RUN_DIR/trainer_state.json`` or, when that is missing, from the newest
@@ -14,7 +12,6 @@ global pyplot state.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import dataclass, field
@@ -247,27 +244,3 @@ def _wide_range(values: Sequence[float]) -> bool:
     """Whether the positive `values` span more than 20x (then a log axis reads better)."""
     positive = [v for v in values if v > 0]
     return bool(positive) and max(positive) / min(positive) > 20
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dude_trl.plot",
-        description="Plot training loss, gradient norm and GSM8K accuracy of Trainer runs side by side.",
-    )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Trainer output directories")
-    parser.add_argument("--out", required=True, help="output image, e.g. curves.png")
-    parser.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: method)")
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window for loss and grad norm")
-    args = parser.parse_args(argv)
-    if args.smooth < 1:
-        parser.error("--smooth must be >= 1")
-    try:
-        path = plot_runs(args.run_dirs, args.out, labels=args.labels, smooth=args.smooth)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""The DuDe forward, as a PEFT LoRA variant.
+"""The DuDe forward, as a PEFT LoRA variant (`DuDeLinearVariant`).
 
 PEFT's `DoraLinearVariant` owns the magnitude vector's creation; the maths is DoRA's. The
 forward differs: PEFT builds the full ``out x in`` matrix ``W + s*B@A`` on every call to take

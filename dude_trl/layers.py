@@ -1,0 +1,120 @@
+"""The DuDe layers of a `PeftModel`: injecting them, finding them, and what each one stores
+beside PEFT's own tensors.
+
+PEFT injects its LoRA/DoRA layers (`get_peft_model` with a `DuDeConfig`, which is a
+`LoraConfig`); DuDe then keeps, per layer and adapter, persistent buffers that PEFT saves with
+the adapter because their names start with ``lora_``:
+
+- `INIT_A` / `INIT_B`: the initial factors, from which the frozen residual ``W0 - s B0 A0`` is
+  rebuilt exactly from the original base;
+- `FINGERPRINT`: a few numbers identifying the original base weight (`dude_trl.fingerprint`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import DuDeConfig
+from .variant import DuDeLinearVariant, install_cache_invalidation
+
+INIT_A = "lora_dude_init_A"
+INIT_B = "lora_dude_init_B"
+FINGERPRINT = "lora_dude_base_fingerprint"
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """True for the layer types DuDe adapts: Linear (bitsandbytes' Linear4bit / Linear8bitLt
+    subclass it) and transformers' Conv1D."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_suffixes(model: nn.Module) -> list[str]:
+    """The distinct last name components of `model`'s adaptable layers (for error messages)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_supported_base(m) and name})
+
+
+def inject_adapter(model: nn.Module, config: DuDeConfig, adapter_name: str = "default") -> PeftModel:
+    """`peft.get_peft_model`, with PEFT's "target modules not found" error restated to list the
+    Linear layers `model` has. PEFT expands ``"all-linear"`` and per-architecture defaults."""
+    try:
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    except NoMatchingPeftModuleError as err:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "
+            f"Linear layers it has: {', '.join(linear_suffixes(model))}."
+        ) from err
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a Linear/Conv1D, also for a ZeRO-3 partitioned or packed quantized weight."""
+    if isinstance(module, Conv1D):
+        return module.nf, getattr(module.weight, "ds_shape", module.weight.shape)[0]
+    return module.out_features, module.in_features
+
+
+def dude_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    """``(name, layer)`` for every PEFT LoRA layer of `model` that holds `adapter_name`."""
+    # `r` holds every adapted layer type (embeddings keep their factors elsewhere), so an
+    # unsupported target reaches `check_dude_layers` instead of being skipped.
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.r
+    ]
+
+
+def check_dude_layers(layers: list[tuple[str, LoraLayer]], adapter_name: str, config: DuDeConfig) -> None:
+    """Raise a `ValueError` naming the fix when a target is not a Linear/Conv1D layer or its rank
+    exceeds ``min(out, in)``; a `RuntimeError` when a layer was already initialised."""
+    for name, module in layers:
+        base = module.get_base_layer()
+        if not is_supported_base(base):
+            raise ValueError(
+                f"DuDe adapts Linear and Conv1D layers, but target {name!r} is a {type(base).__name__}; "
+                f"remove it from target_modules."
+            )
+        out_features, in_features = weight_shape(base)
+        r = module.r[adapter_name]
+        if r > min(out_features, in_features):
+            raise ValueError(
+                f"r={r} exceeds min(out, in)={min(out_features, in_features)} for {name!r} "
+                f"({out_features}x{in_features}); lower `r` or set a smaller `rank_pattern` entry for it."
+            )
+        if config.uses_svd_init and held_buffer(module, INIT_A, adapter_name) is not None:
+            raise RuntimeError(f"Layer {name!r} already holds a DuDe initialisation for adapter {adapter_name!r}.")
+
+
+def held_buffer(module: LoraLayer, attr: str, adapter_name: str) -> Optional[torch.Tensor]:
+    """The DuDe buffer `attr` (`INIT_A`, `INIT_B`, `FINGERPRINT`) of `adapter_name`, or None."""
+    buffers = getattr(module, attr, None)
+    return buffers[adapter_name] if buffers is not None and adapter_name in buffers else None
+
+
+def store_buffer(module: LoraLayer, attr: str, adapter_name: str, value: torch.Tensor) -> None:
+    """Store a copy of `value` as the persistent DuDe buffer `attr` of `adapter_name`."""
+    if not hasattr(module, attr):
+        setattr(module, attr, BufferDict(persistent=True))
+    getattr(module, attr)[adapter_name] = value.detach().clone()
+
+
+def register_init_factors(module: LoraLayer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Record the initial factors the layer's residual was built from (`INIT_A`, `INIT_B`)."""
+    store_buffer(module, INIT_A, adapter_name, A)
+    store_buffer(module, INIT_B, adapter_name, B)
+
+
+def install_dude_variant_(model: PeftModel, adapter_name: str = "default") -> None:
+    """Use `DuDeLinearVariant` (DuDe's fast forward) on every magnitude layer of `adapter_name`."""
+    if not model.peft_config[adapter_name].has_magnitude:
+        return
+    for _, module in dude_layers(model, adapter_name):
+        module.lora_variant[adapter_name] = DuDeLinearVariant()
+        install_cache_invalidation(module)
