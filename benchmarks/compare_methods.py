@@ -16,7 +16,7 @@ Defaults train offline on the demo model and synthetic data. This is the paper's
 
     python benchmarks/compare_methods.py --output-dir runs/paper --max-steps 1000 --seeds 0 1 2 \\
         --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name meta-math/MetaMathQA \\
-        --learning_rate 2e-5 --gsm8k_dataset openai/gsm8k --gsm8k_num_samples 500
+        --learning_rate 2e-5 --eval_task gsm8k --eval_task_dataset openai/gsm8k --eval_task_num_samples 500
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GSM8K evaluation throughput (samples/s): batch size 1 vs batched, on a small offline model.
 
-Runs ``dude_trl.gsm8k.evaluate`` on the same synthetic GSM8K test questions once per
+Runs ``dude_trl.eval.evaluate`` with the GSM8K task on the same synthetic test questions once per
 batch size, after a short warm-up, repeating each ``--repeats`` times in alternating
 order (so drift in machine load hits both alike) and keeping the best time. Prints
 samples/s per batch size, the speedup over batch 1, and whether the accuracies match
@@ -29,7 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dude_trl.data import make_gsm8k_dataset
-from dude_trl.gsm8k import evaluate
+from dude_trl.eval import GSM8KTask, evaluate
 
 
 def random_llama(hidden: int, layers: int) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
@@ -68,8 +68,8 @@ def load_model(path: str | None, hidden: int, layers: int):
 
 def time_evaluate(model, tokenizer, dataset, batch_size: int, max_new_tokens: int) -> tuple[float, dict]:
     start = time.perf_counter()
-    result = evaluate(model, tokenizer, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      progress=False)
+    result = evaluate(model, tokenizer, GSM8KTask(), dataset, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, progress=False)
     return time.perf_counter() - start, result
 
 
@@ -89,7 +89,8 @@ def main() -> None:
 
     model, tokenizer, description = load_model(args.model, args.hidden, args.layers)
     dataset = make_gsm8k_dataset(args.num_samples, seed=0, split="test")
-    evaluate(model, tokenizer, dataset, batch_size=2, num_samples=2, max_new_tokens=4, progress=False)  # warm-up
+    evaluate(model, tokenizer, GSM8KTask(), dataset, batch_size=2, num_samples=2, max_new_tokens=4,
+             progress=False)  # warm-up
 
     best: dict[int, float] = {}
     results: dict[int, dict] = {}
@@ -107,8 +108,8 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         seconds = best[batch_size]
         print(f"| {batch_size} | {seconds:.2f} | {args.num_samples / seconds:.2f} | "
-              f"{best[baseline] / seconds:.2f}x | {results[batch_size]['accuracy']:.3f} |")
-    same = len({round(r["accuracy"], 6) for r in results.values()}) == 1
+              f"{best[baseline] / seconds:.2f}x | {results[batch_size]['metrics']['accuracy']:.3f} |")
+    same = len({round(r["metrics"]["accuracy"], 6) for r in results.values()}) == 1
     print(f"accuracies equal across batch sizes: {same}")
 
 

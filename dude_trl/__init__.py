@@ -19,17 +19,20 @@ _EXPORTS = {
     "export_peft_adapter": "export",
     "export_dora_adapter": "export",
     "DuDeSFTTrainer": "trainer",
+    "DuDeSFTConfig": "sft_config",
+    "EvalCallback": "callbacks",
     "GradNormCallback": "callbacks",
     "GSM8KEvalCallback": "callbacks",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .callbacks import GradNormCallback, GSM8KEvalCallback
+    from .callbacks import EvalCallback, GradNormCallback, GSM8KEvalCallback
     from .config import DuDeConfig
     from .export import export_dora_adapter, export_peft_adapter
     from .model import get_dude_model, initialize_dude_
     from .saving import load_dude_model
+    from .sft_config import DuDeSFTConfig
     from .trainer import DuDeSFTTrainer
 
 

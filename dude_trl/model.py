@@ -110,7 +110,8 @@ def get_dude_model(
         )
     if not isinstance(config, DuDeConfig):
         raise TypeError(f"get_dude_model needs a DuDeConfig, got {type(config).__name__}; wrap your LoraConfig fields.")
-    if quantization_config is None and not (not isinstance(model_or_path, str) and is_quantized_model(model_or_path)):
+    quantized_object = not isinstance(model_or_path, str) and is_quantized_model(model_or_path)
+    if quantization_config is None and not quantized_object:
         model = load_base_model(model_or_path, **model_kwargs)
         return initialize_dude_(inject_adapter(model, config, adapter_name), adapter_name, progress=progress)
     model, checkpoint, checkpoint_kwargs, tmp = load_quantized_base(model_or_path, quantization_config, model_kwargs)

@@ -5,6 +5,9 @@ A `DuDeConfig` is a `LoraConfig`, so TRL builds PEFT's LoRA/DoRA layers itself, 
 PEFT handling (ZeRO-3 adapter dtype, input grads under gradient checkpointing, k-bit
 preparation); this subclass then initialises those layers in place with `initialize_dude_`.
 With a plain `LoraConfig`, another `PeftConfig` or none, nothing differs from `SFTTrainer`.
+
+The trainer's own settings (gradient-norm logging, the in-loop evaluation task) live in
+`DuDeSFTConfig`, so YAML files and the command line reach them; a plain `SFTConfig` works too.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from typing import Any, Optional, Union
 from trl import SFTTrainer
 
 from .bases.bnb import validate_quantization_config
-from .callbacks import GradNormCallback
+from .callbacks import EvalCallback, GradNormCallback
 from .config import DuDeConfig
+from .eval import TASKS
 from .model import initialize_dude_
 from .resume import prepare_dude_resume
+from .sft_config import DuDeSFTConfig
 
 
 class DuDeSFTTrainer(SFTTrainer):
@@ -27,11 +32,15 @@ class DuDeSFTTrainer(SFTTrainer):
         peft_config: a `DuDeConfig` for DuDe and its baselines; anything else is handed to
             `SFTTrainer` unchanged.
         log_grad_norms: log ``grad_norm/total`` and per-group norms (``grad_norm/magnitude``,
-            ``grad_norm/lora_A``, ``grad_norm/lora_B``) on every optimizer step.
-        *args, **kwargs: exactly `trl.SFTTrainer`'s.
+            ``grad_norm/lora_A``, ``grad_norm/lora_B``) on every optimizer step (None: as
+            `DuDeSFTConfig.log_grad_norms` says, True with a plain `SFTConfig`).
+        *args, **kwargs: exactly `trl.SFTTrainer`'s. With ``args=DuDeSFTConfig(eval_task=...)``
+            an `EvalCallback` for that task is added.
     """
 
-    def __init__(self, *args: Any, peft_config: Any = None, log_grad_norms: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, peft_config: Any = None, log_grad_norms: Optional[bool] = None, **kwargs: Any
+    ) -> None:
         is_dude = isinstance(peft_config, DuDeConfig)
         if is_dude and kwargs.get("quantization_config") is not None:
             # Refuse GPTQ/AWQ/... before TRL loads anything.
@@ -48,8 +57,26 @@ class DuDeSFTTrainer(SFTTrainer):
                 checkpoint=model if isinstance(model, str) else None,
                 checkpoint_kwargs=self.args.model_init_kwargs,
             )
+        dude_args = self.args if isinstance(self.args, DuDeSFTConfig) else None
+        if log_grad_norms is None:
+            log_grad_norms = dude_args.log_grad_norms if dude_args is not None else True
         if log_grad_norms:
             GradNormCallback.ensure_attached(self)
+        if dude_args is not None and dude_args.eval_task is not None:
+            self.add_callback(self._eval_task_callback(dude_args))
+
+    def _eval_task_callback(self, args: DuDeSFTConfig) -> EvalCallback:
+        callback = EvalCallback(
+            TASKS[args.eval_task](),
+            args.eval_task_dataset,
+            eval_steps=args.eval_task_steps,
+            max_new_tokens=args.eval_task_max_new_tokens,
+            batch_size=args.eval_task_batch_size,
+            num_samples=args.eval_task_num_samples,
+            eval_on_start=args.eval_task_on_start,
+        )
+        callback.set_trainer(self)
+        return callback
 
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; when resuming a DuDe run, first rebuild the checkpoint's exact residual

@@ -11,8 +11,10 @@ The paper's setting (rank 16, lr 2e-5, cosine, warmup 0.03, W_q/W_v) on 8 GPUs w
 
 Every `SFTConfig` flag, TRL's `ModelConfig` flags (`--model_name_or_path`, `--lora_r`,
 `--lora_alpha`, `--lora_target_modules`, `--load_in_4bit`, ...) and TRL's `ScriptArguments`
-(`--dataset_name meta-math/MetaMathQA`) work as in TRL's own `sft.py`; `DuDeArguments` below
-adds the method and the GSM8K evaluation. Without `--config`, the offline demo config is used.
+(`--dataset_name meta-math/MetaMathQA`) work as in TRL's own `sft.py`. `DuDeSFTConfig` adds the
+trainer's own flags (`--eval_task gsm8k --eval_task_num_samples N --eval_task_dataset FILE_OR_HUB_ID`,
+`--log_grad_norms`), and `DuDeArguments` below the DuDe method. Without `--config`, the offline
+demo config is used.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from pathlib import Path
 from typing import Optional
 
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_quantization_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_quantization_config
 
-from dude_trl import DuDeConfig, DuDeSFTTrainer, GSM8KEvalCallback
+from dude_trl import DuDeConfig, DuDeSFTConfig, DuDeSFTTrainer
 from dude_trl.data import load_sft_dataset
-from dude_trl.gsm8k import load_gsm8k_eval_dataset
 from dude_trl.plot import plot_runs
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo_offline.yaml"
@@ -41,14 +42,6 @@ class DuDeArguments:
     svd_niter: Optional[int] = field(default=None, metadata={"help": "None: exact SVD; k: randomized SVD, k iters"})
     quant_iters: int = field(default=0, metadata={"help": "refinement rounds on a 4/8-bit base"})
     num_train_samples: Optional[int] = field(default=None, metadata={"help": "cap on training samples"})
-    gsm8k_dataset: Optional[str] = field(
-        default=None, metadata={"help": "openai/gsm8k, a local JSON/JSONL with question/answer, or None (synthetic)"}
-    )
-    gsm8k_eval_steps: int = field(default=200, metadata={"help": "evaluate GSM8K every N optimizer steps"})
-    gsm8k_num_samples: int = field(default=0, metadata={"help": "GSM8K questions per evaluation (0: no eval)"})
-    gsm8k_max_new_tokens: int = field(default=256, metadata={"help": "generation budget per GSM8K answer"})
-    gsm8k_batch_size: int = field(default=16, metadata={"help": "generation batch size"})
-    gsm8k_eval_on_start: bool = field(default=False, metadata={"help": "also evaluate before training"})
     plot: bool = field(default=True, metadata={"help": "write curves.png into output_dir at the end"})
 
 
@@ -68,7 +61,7 @@ def build_peft_config(model_args: ModelConfig, dude_args: DuDeArguments) -> DuDe
 
 
 def main(
-    script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, dude_args: DuDeArguments
+    script_args: ScriptArguments, training_args: DuDeSFTConfig, model_args: ModelConfig, dude_args: DuDeArguments
 ) -> None:
     if model_args.model_name_or_path is None:
         raise ValueError("Pass --model_name_or_path (or a --config that sets it).")
@@ -88,19 +81,6 @@ def main(
         # Base models without a chat template (Llama-2, Mistral-7B) train on plain Question/Answer text.
         conversational=tokenizer.chat_template is not None,
     )
-    callbacks = []
-    if dude_args.gsm8k_num_samples > 0:
-        eval_set = load_gsm8k_eval_dataset(dude_args.gsm8k_dataset, num_samples=dude_args.gsm8k_num_samples)
-        callbacks.append(
-            GSM8KEvalCallback(
-                eval_set,
-                eval_steps=dude_args.gsm8k_eval_steps,
-                max_new_tokens=dude_args.gsm8k_max_new_tokens,
-                batch_size=dude_args.gsm8k_batch_size,
-                eval_on_start=dude_args.gsm8k_eval_on_start,
-            )
-        )
-
     trainer = DuDeSFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -108,7 +88,6 @@ def main(
         processing_class=tokenizer,
         peft_config=build_peft_config(model_args, dude_args),
         quantization_config=get_quantization_config(model_args),
-        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
@@ -124,7 +103,7 @@ def main(
 
 
 def parse_args(argv: list[str]) -> tuple:
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DuDeArguments))
+    parser = TrlParser((ScriptArguments, DuDeSFTConfig, ModelConfig, DuDeArguments))
     if "--config" not in argv:
         argv = ["--config", str(DEMO_CONFIG), *argv]
     return parser.parse_args_and_config(argv)

@@ -169,6 +169,23 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+def levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Level of each module in an acyclic graph: 0 for one importing no project module, else one
+    more than the highest level it imports."""
+    level: dict[str, int] = {}
+
+    def visit(module: str, path: tuple[str, ...] = ()) -> int:
+        if module not in level:
+            if module in path:
+                raise ValueError(f"import cycle through {module}")
+            level[module] = 1 + max((visit(dep, path + (module,)) for dep in graph[module]), default=-1)
+        return level[module]
+
+    for module in graph:
+        visit(module)
+    return level
+
+
 def private_cross_module_uses(modules: dict[str, ModuleInfo]) -> list[str]:
     """``importer:line -> module.name`` for private names taken from another project module."""
     uses = []
@@ -183,11 +200,13 @@ def private_cross_module_uses(modules: dict[str, ModuleInfo]) -> list[str]:
 def measure(root: Path) -> dict:
     modules = scan(root)
     graph = dependency_graph(modules)
+    cycles = import_cycles(graph)
     return {
         "modules": len(modules),
         "total_lines": sum(m.lines for m in modules.values()),
         "largest": sorted(((m.lines, n) for n, m in modules.items()), reverse=True)[:8],
-        "import_cycles": import_cycles(graph),
+        "import_cycles": cycles,
+        "levels": {} if cycles else dict(sorted(levels(graph).items(), key=lambda item: (item[1], item[0]))),
         "function_local_project_imports": sorted(
             {f"{n}:{line} -> {t}" for n, m in modules.items() for line, t in m.local_imports}
         ),
@@ -207,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"modules: {result['modules']}, lines: {result['total_lines']}")
     print("largest: " + ", ".join(f"{n} ({lines})" for lines, n in result["largest"]))
     print(f"import cycles: {len(result['import_cycles'])}  {result['import_cycles']}")
+    if result["levels"]:
+        print("levels: " + ", ".join(f"{n.removeprefix(PACKAGE + '.')}={lvl}" for n, lvl in result["levels"].items()))
     print(f"function-local project imports: {len(result['function_local_project_imports'])}")
     for line in result["function_local_project_imports"]:
         print(f"  {line}")

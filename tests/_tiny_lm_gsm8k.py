@@ -154,6 +154,7 @@ def distributed_main(out_dir: str, num_rows: int, batch_size: int) -> None:
     gets ``synced_gpus=True`` (parameters are not partitioned here).
     """
     from dude_trl import gsm8k
+    from dude_trl.eval import generation
 
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
@@ -165,7 +166,7 @@ def distributed_main(out_dir: str, num_rows: int, batch_size: int) -> None:
     result["generate_calls"] = len(model.calls)
     result["rows_generated"] = sum(c["batch"] for c in model.calls)
 
-    gsm8k._zero3_enabled = lambda: True
+    generation.zero3_enabled = lambda: True
     zero3_result = gsm8k.evaluate(model, tokenizer, dataset, **kwargs)
     assert zero3_result == {k: v for k, v in result.items() if k in zero3_result}
     result["synced_gpus_seen"] = sorted({c["synced_gpus"] for c in model.calls})

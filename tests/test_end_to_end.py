@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 # A short run: tiny data and generation budgets, logging every step.
 SHORT_RUN = [
     "--num_train_samples", "16", "--max_length", "128", "--logging_steps", "1", "--save_steps", "2",
-    "--gsm8k_num_samples", "2", "--gsm8k_max_new_tokens", "8", "--gsm8k_eval_steps", "2", "--gsm8k_batch_size", "2",
+    "--eval_task", "gsm8k", "--eval_task_num_samples", "2", "--eval_task_max_new_tokens", "8", "--eval_task_steps", "2", "--eval_task_batch_size", "2",
     "--disable_tqdm", "true",
 ]  # fmt: skip
 

@@ -26,12 +26,14 @@ from _tiny_lm_gsm8k import (
 )
 from dude_trl import gsm8k
 from dude_trl.data import make_gsm8k_dataset, make_metamath_dataset
+from dude_trl.eval import generation
 from dude_trl.gsm8k import (
     AnswerCompleteCriteria,
     build_prompt,
     evaluate,
     extract_answer,
     is_correct,
+    is_correct_flexible,
     load_gsm8k_eval_dataset,
     normalize_number,
 )
@@ -129,6 +131,19 @@ def test_is_correct(completion, reference, expected):
     assert is_correct(completion, reference) is expected
 
 
+@pytest.mark.parametrize("completion, reference, strict, flexible", [
+    ("#### 72", "72", True, True),
+    ("#### 72\nNext, 3 more", "72", True, False),  # the marker wins strictly; the last number is 3
+    ("The answer is 5 (from 2 and 3)", "#### 5", True, False),
+    ("2 + 3 = 5", "5", True, True),
+    ("it is \u22124", "-4", True, True),
+    ("no number", "5", False, False),
+])
+def test_strict_and_flexible_readings(completion, reference, strict, flexible):
+    assert is_correct(completion, reference) is strict
+    assert is_correct_flexible(completion, reference) is flexible
+
+
 # --- prompts and stopping -----------------------------------------------------------------------------
 
 
@@ -169,6 +184,7 @@ def test_scripted_model_always_right_scores_one(eval_set, chat):
     model.train()
     result = evaluate(model, tokenizer, eval_set, batch_size=4, progress=False, few_shot=2)
     assert result["accuracy"] == 1.0 and result["num_samples"] == 10 and result["num_correct"] == 10
+    assert result["accuracy_flexible"] == 1.0  # every scripted completion ends with its answer
     assert [c["batch"] for c in model.calls] == [4, 4, 2]
     assert all(c["left_padded"] and not c["grad_enabled"] for c in model.calls)
     assert model.training and model.config.use_cache is False
@@ -214,10 +230,10 @@ def test_evaluate_rejects_bad_inputs(eval_set):
 
 
 def test_rank_share_pads_to_equal_generate_calls():
-    shares = [gsm8k._rank_share(5, rank, 2) for rank in range(2)]
+    shares = [generation.rank_share(5, rank, 2) for rank in range(2)]
     assert shares == [[0, 2, 4], [1, 3, None]]
-    assert gsm8k._rank_share(1, 2, 4) == [None]
-    covered = sorted(i for rank in range(3) for i in gsm8k._rank_share(10, rank, 3) if i is not None)
+    assert generation.rank_share(1, 2, 4) == [None]
+    covered = sorted(i for rank in range(3) for i in generation.rank_share(10, rank, 3) if i is not None)
     assert covered == list(range(10))
 
 

@@ -18,7 +18,7 @@ from _tiny_lm_gsm8k import ScriptedLM, answer_table, make_llama, make_tokenizer
 from dude_trl.callbacks.gsm8k_eval import GSM8KEvalCallback
 from dude_trl.data import make_gsm8k_dataset, make_metamath_dataset, to_sft_format
 
-KEYS = ("gsm8k/accuracy", "gsm8k/num_samples")
+KEYS = ("gsm8k/accuracy", "gsm8k/accuracy_flexible", "gsm8k/num_samples")
 
 
 class RecordingCallback(TrainerCallback):

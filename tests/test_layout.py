@@ -57,3 +57,16 @@ def test_metrics_detect_a_cycle_and_a_private_use(tmp_path):
     assert result["import_cycles"] == [["dude_trl.a", "dude_trl.b"]]
     assert result["function_local_project_imports"] == ["dude_trl.a:4 -> dude_trl.b"]
     assert result["private_cross_module_uses"] == ["dude_trl.a:1 -> dude_trl.b._hidden"]
+
+
+def test_architecture_doc_states_the_measured_levels(measurement):
+    """docs/architecture.md's level table is the measured one (so the doc cannot drift)."""
+    import re
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (.+?) \|", doc, flags=re.MULTILINE)
+    assert rows
+    for level, modules in rows:
+        for path in re.findall(r"`([\w/]+)\.py`", modules):
+            name = "dude_trl." + path.replace("/", ".").removesuffix(".__init__")
+            assert measurement["levels"][name] == int(level), path

@@ -98,3 +98,41 @@ def test_gradient_checkpointing_trains(tmp_path, method):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     after = dict(trainer.model.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n or "magnitude" in n)
+
+
+def test_dude_sft_config_carries_the_trainers_own_settings(tmp_path):
+    """`DuDeSFTConfig` reaches grad-norm logging and the in-loop eval task, from the command line
+    as from code: `--eval_task gsm8k` adds an evaluation logged as gsm8k/* at step 0 and at the end."""
+    from trl import TrlParser
+
+    from dude_trl import DuDeSFTConfig
+    from dude_trl.data import make_gsm8k_dataset
+
+    eval_file = tmp_path / "dev.jsonl"
+    make_gsm8k_dataset(3, seed=0, split="test").to_json(str(eval_file))
+    (args,) = TrlParser((DuDeSFTConfig,)).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--logging_steps", "1", "--log_grad_norms", "false", "--eval_task", "gsm8k",
+        "--eval_task_dataset", str(eval_file), "--eval_task_steps", "2", "--eval_task_on_start", "true",
+        "--eval_task_max_new_tokens", "4", "--eval_task_batch_size", "2",
+    ])  # fmt: skip
+    config = DuDeConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], method="dude")
+    trainer = DuDeSFTTrainer(model=make_qwen2(), args=args, train_dataset=DATA, processing_class=make_tokenizer(),
+                             peft_config=config)  # fmt: skip
+    trainer.train()
+    history = trainer.state.log_history
+    evals = [h for h in history if "gsm8k/accuracy" in h]
+    assert [h["step"] for h in evals] == [0, 2]
+    assert all(h["gsm8k/num_samples"] == 3 and "gsm8k/accuracy_flexible" in h for h in evals)
+    assert not any(k.startswith("grad_norm/") for h in history for k in h)
+    assert (tmp_path / "run" / "gsm8k_samples_step0.jsonl").exists()
+
+
+def test_dude_sft_config_refuses_unknown_task_and_bad_numbers(tmp_path):
+    from dude_trl import DuDeSFTConfig
+
+    with pytest.raises(ValueError, match="eval_task='mmlu' is not a known task.*gsm8k"):
+        DuDeSFTConfig(output_dir=str(tmp_path), eval_task="mmlu")
+    with pytest.raises(ValueError, match="eval_task_steps must be a positive integer"):
+        DuDeSFTConfig(output_dir=str(tmp_path), eval_task="gsm8k", eval_task_steps=0)

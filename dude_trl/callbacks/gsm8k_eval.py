@@ -1,61 +1,31 @@
-"""In-training GSM8K evaluation, logged through the trainer like any other metric."""
+"""In-training GSM8K evaluation: ``EvalCallback`` with the GSM8K task and its arguments."""
 
 from __future__ import annotations
 
-import inspect
-import logging
-import os
 from typing import Any
 
 import datasets
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from dude_trl.gsm8k import evaluate, load_gsm8k_eval_dataset, write_samples_jsonl
-
-logger = logging.getLogger(__name__)
+from ..eval.gsm8k import GSM8KTask
+from .eval import EvalCallback
 
 
-class GSM8KEvalCallback(TrainerCallback):
-    """Evaluates GSM8K accuracy during training and logs ``gsm8k/accuracy`` and ``gsm8k/num_samples``.
+class GSM8KEvalCallback(EvalCallback):
+    """Evaluates GSM8K during training; logs ``gsm8k/accuracy``, ``gsm8k/accuracy_flexible``, ``gsm8k/num_samples``.
 
-    Runs at step 0 when ``eval_on_start``, after every ``eval_steps`` optimizer steps,
-    and once more at the end of training unless the last step was just evaluated.
-    Every rank must run it (it is collective under DDP/DeepSpeed; see
-    :func:`dude_trl.gsm8k.evaluate`).
-
-    How metrics reach the loggers: a callback that adds keys to ``logs`` in
-    ``on_log`` is too late, because the reporting integrations (TensorBoard,
-    W&B, ...) are registered before user callbacks and have already consumed
-    ``logs``. The metrics therefore go through ``Trainer.log``, which appends to
-    ``state.log_history`` and dispatches ``on_log`` to every callback. It is the
-    base ``transformers.Trainer.log``, called unbound: TRL's ``SFTTrainer.log``
-    merges and clears its accumulated training metrics (``entropy``,
-    ``mean_token_accuracy``), which would then land on this row and be missing
-    from the next loss row. ``on_log`` dispatch clears ``control.should_log``,
-    so the callback restores it: the trainer's own loss row for an evaluation
-    step is still written. The
-    ``CallbackHandler`` of transformers 5.23 does not hand the trainer to
-    callbacks, so the callback binds it itself: ``set_trainer(trainer)`` (the
-    convention of transformers' own ``JITCheckpointCallback``) binds it
-    explicitly; otherwise, on ``on_init_end``/``on_train_begin``, it looks up the
-    call stack for the ``Trainer`` whose ``callback_handler`` holds this
-    callback -- those events are always dispatched from a ``Trainer`` method. So a
-    plain ``SFTTrainer(callbacks=[GSM8KEvalCallback(...)])`` or
-    ``trainer.add_callback(...)`` works unchanged.
-
-    Sample completions are written on the main process to
-    ``<output_dir>/gsm8k_samples_step<N>.jsonl`` and, when ``wandb`` is among
-    ``report_to`` and a run is active, logged as a ``wandb.Table``.
+    Behaves as :class:`EvalCallback` with a :class:`dude_trl.eval.gsm8k.GSM8KTask`:
+    samples go to ``<output_dir>/gsm8k_samples_step<N>.jsonl``.
 
     Args:
         dataset: GSM8K-schema evaluation data, or a name/path for
-            :func:`dude_trl.gsm8k.load_gsm8k_eval_dataset` (None: synthetic test split).
+            :func:`dude_trl.eval.gsm8k.load_gsm8k_eval_dataset` (None: synthetic test split).
         eval_steps: evaluate every this many optimizer steps.
-        max_new_tokens, batch_size, num_samples, few_shot, use_chat_template: passed
-            to :func:`dude_trl.gsm8k.evaluate`.
+        max_new_tokens, batch_size, num_samples, use_chat_template: passed to
+            :func:`dude_trl.eval.task.evaluate`.
         eval_on_start: also evaluate before the first step.
         num_logged_samples: sample completions written/logged per evaluation.
         tokenizer: overrides the trainer's ``processing_class``.
+        few_shot: prepend this many worked examples (synthetic train split) to each prompt.
     """
 
     def __init__(
@@ -72,132 +42,9 @@ class GSM8KEvalCallback(TrainerCallback):
         few_shot: int = 0,
         use_chat_template: bool | None = None,
     ):
-        if eval_steps <= 0:
-            raise ValueError(f"eval_steps must be positive, got {eval_steps}")
-        if dataset is None or isinstance(dataset, str):
-            dataset = load_gsm8k_eval_dataset(dataset, num_samples=num_samples)
-        self.dataset = dataset
-        self.eval_steps = eval_steps
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.num_samples = num_samples
-        self.eval_on_start = eval_on_start
-        self.num_logged_samples = num_logged_samples
-        self.tokenizer = tokenizer
-        self.few_shot = few_shot
-        self.use_chat_template = use_chat_template
-        self.trainer: Trainer | None = None
-        self.last_evaluated_step: int | None = None
-        self.history: list[dict[str, Any]] = []
-
-    # --- binding to the trainer --------------------------------------------------------------
-
-    def set_trainer(self, trainer: Trainer) -> None:
-        """Bind the trainer whose ``log`` carries the metrics (done automatically otherwise)."""
-        self.trainer = trainer
-
-    def _find_trainer(self) -> Trainer | None:
-        """The ``Trainer`` on the call stack whose callback handler holds this callback."""
-        frame = inspect.currentframe()
-        try:
-            while frame is not None:
-                candidate = frame.f_locals.get("self")
-                if isinstance(candidate, Trainer) and any(
-                    cb is self for cb in candidate.callback_handler.callbacks
-                ):
-                    return candidate
-                frame = frame.f_back
-        finally:
-            del frame
-        return None
-
-    def _bind(self) -> None:
-        if self.trainer is None:
-            self.trainer = self._find_trainer()
-
-    # --- events ----------------------------------------------------------------------------------
-
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._bind()
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._bind()
-        if self.trainer is None:
-            logger.warning(
-                "GSM8KEvalCallback found no Trainer to log through; call set_trainer(trainer). "
-                "Metrics will only be appended to state.log_history."
-            )
-        if self.eval_on_start and state.global_step == 0:
-            self._run(args, state, control, **kwargs)
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # DefaultFlowCallback runs earlier and sets should_training_stop on the last step.
-        if state.global_step % self.eval_steps == 0 or control.should_training_stop:
-            self._run(args, state, control, **kwargs)
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # Training can also stop after this callback's on_step_end ran (a later callback, epoch end).
-        if self.last_evaluated_step != state.global_step:
-            self._run(args, state, control, **kwargs)
-
-    # --- evaluation and logging -------------------------------------------------------------------
-
-    def _resolve_tokenizer(self, kwargs: dict[str, Any]) -> Any:
-        candidates = (self.tokenizer, kwargs.get("processing_class"), kwargs.get("tokenizer"))
-        tokenizer = next((t for t in candidates if t is not None), None)
-        if tokenizer is None:
-            raise ValueError("GSM8KEvalCallback needs a tokenizer: pass tokenizer= or a trainer processing_class")
-        # Multimodal processors wrap the text tokenizer.
-        return getattr(tokenizer, "tokenizer", tokenizer)
-
-    def _run(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.last_evaluated_step == state.global_step:
-            return
-        self.last_evaluated_step = state.global_step
-        result = evaluate(
-            kwargs["model"],
-            self._resolve_tokenizer(kwargs),
-            self.dataset,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            num_samples=self.num_samples,
-            few_shot=self.few_shot,
-            use_chat_template=self.use_chat_template,
-            progress=not args.disable_tqdm,
-            num_returned_samples=self.num_logged_samples,
+        super().__init__(
+            GSM8KTask(few_shot=few_shot), dataset, eval_steps=eval_steps, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, num_samples=num_samples, eval_on_start=eval_on_start,
+            num_logged_samples=num_logged_samples, tokenizer=tokenizer, use_chat_template=use_chat_template,
         )
-        metrics = {"gsm8k/accuracy": result["accuracy"], "gsm8k/num_samples": result["num_samples"]}
-        self.history.append({"step": state.global_step, **metrics})
-        self._log_metrics(metrics, state, control)
-        if state.is_world_process_zero:
-            self._write_samples(result["samples"], args, state.global_step)
-
-    def _log_metrics(self, metrics: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
-        if self.trainer is not None:
-            should_log = control.should_log
-            Trainer.log(self.trainer, dict(metrics))
-            control.should_log = self.trainer.control.should_log = should_log
-        else:
-            state.log_history.append({**metrics, "step": state.global_step})
-
-    def _write_samples(self, samples: list[dict[str, Any]], args: TrainingArguments, step: int) -> None:
-        path = os.path.join(args.output_dir, f"gsm8k_samples_step{step}.jsonl")
-        write_samples_jsonl(samples, path)
-        if "wandb" in (args.report_to or []):
-            _log_wandb_table(samples, step)
-
-
-def _log_wandb_table(samples: list[dict[str, Any]], step: int) -> None:
-    """Log sample completions as a W&B table when wandb is installed and a run is active."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is None:
-        return
-    columns = ["step", "question", "completion", "reference", "prediction", "correct"]
-    table = wandb.Table(columns=columns)
-    for sample in samples:
-        table.add_data(step, *(sample[c] for c in columns[1:]))
-    # WandbCallback plots against "train/global_step"; give the table the same x value.
-    wandb.log({"gsm8k/samples": table, "train/global_step": step})
+        self.few_shot = few_shot
