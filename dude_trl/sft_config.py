@@ -7,12 +7,23 @@ itself is configured by `DuDeConfig`, as PEFT's `LoraConfig` is in TRL.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from trl import SFTConfig
 
 from .eval import TASKS
+
+logger = logging.getLogger(__name__)
+
+
+def _trains_on_cpu(use_cpu: bool) -> bool:
+    if use_cpu:
+        return True
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    return accelerator is None and not torch.cuda.is_available()
 
 
 @dataclass
@@ -52,6 +63,9 @@ class DuDeSFTConfig(SFTConfig):
     eval_task_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
 
     def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16 and _trains_on_cpu(self.use_cpu):
+            logger.info("Training on a CPU: bf16 autocast off (float32); pass bf16=True to use it.")
+            self.bf16 = False
         if self.eval_task is not None and self.eval_task not in TASKS:
             raise ValueError(f"eval_task={self.eval_task!r} is not a known task; choose one of {sorted(TASKS)}.")
         for name in ("eval_task_steps", "eval_task_batch_size"):

@@ -136,3 +136,12 @@ def test_dude_sft_config_refuses_unknown_task_and_bad_numbers(tmp_path):
         DuDeSFTConfig(output_dir=str(tmp_path), eval_task="mmlu")
     with pytest.raises(ValueError, match="eval_task_steps must be a positive integer"):
         DuDeSFTConfig(output_dir=str(tmp_path), eval_task="gsm8k", eval_task_steps=0)
+
+
+def test_dude_sft_config_trains_in_float32_on_cpu_unless_bf16_is_asked(tmp_path):
+    """TRL defaults to bf16 autocast; on a CPU without bf16 matmuls that is hundreds of times slower."""
+    from dude_trl import DuDeSFTConfig
+
+    assert SFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is True  # TRL's default, which this changes
+    assert DuDeSFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is False
+    assert DuDeSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True).bf16 is True
