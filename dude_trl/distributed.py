@@ -147,7 +147,7 @@ def _serial_init(
                 W0 = weight_to_decompose(module, name, adapter_name, base)
                 factors = decompose_layer(module, name, adapter_name, config, base, W0)
                 write_init_factors(module, adapter_name, factors.A, factors.B, W0, base)
-                base.note_initialised(name, module, W0, factors.error, factors.round)
+                base.note_initialised(name, module, W0, factors.error)
             if config.has_magnitude:
                 reset_magnitude(module, adapter_name)
             bar.update(1)
@@ -182,7 +182,7 @@ def _split_init(
                     try:
                         own_W0 = weight_to_decompose(module, name, adapter_name, base)
                         own = decompose_layer(module, name, adapter_name, config, base, own_W0)
-                        base.note_initialised(name, module, own_W0, own.error, own.round)
+                        base.note_initialised(name, module, own_W0, own.error)
                     except Exception as err:  # re-raised below, once every rank knows
                         error = err
                     decomposed.append(name)

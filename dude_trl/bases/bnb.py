@@ -169,8 +169,6 @@ class LayerInit(NamedTuple):
     name: str
     error: float  # ||W0 - (deq(q(W_res)) + s*B@A)||
     plain_error: float  # ||W0 - deq(q(W0))||: plain quantization, what QLoRA starts from
-    weight_norm: float  # ||W0||
-    round: int  # refinement round kept
     from_full_precision: bool  # False: W0 was the dequantized weight of an already-quantized layer
 
 
@@ -242,18 +240,13 @@ class BitsAndBytesBase(FullPrecisionBase):
         # which must not be rounded.
         return is_bnb_layer(module.get_base_layer())
 
-    def note_initialised(
-        self, name: str, module: LoraLayer, W0: torch.Tensor, error: float, refinement_round: int
-    ) -> None:
+    def note_initialised(self, name: str, module: LoraLayer, W0: torch.Tensor, error: float) -> None:
         base = module.get_base_layer()
         if not is_bnb_layer(base):
             return
         plain_error = torch.linalg.matrix_norm(W0 - QuantSpec.from_layer(base).roundtrip(W0)).item()
         self._reports.append(
-            LayerInit(
-                name, error, plain_error, torch.linalg.matrix_norm(W0).item(), refinement_round,
-                id(module) in self._read_from_checkpoint,
-            )
+            LayerInit(name, error, plain_error, id(module) in self._read_from_checkpoint)
         )
 
     def log_summary(self) -> None:

@@ -96,10 +96,9 @@ class FullPrecisionBase:
         """Whether A, B stay float32 even when the adapter parameters are half precision."""
         return False
 
-    def note_initialised(
-        self, name: str, module: LoraLayer, W0: torch.Tensor, error: float, refinement_round: int
-    ) -> None:
-        """Hear that layer `name` was decomposed from `W0` (for a backend's summary; nothing here)."""
+    def note_initialised(self, name: str, module: LoraLayer, W0: torch.Tensor, error: float) -> None:
+        """Hear that layer `name` was decomposed from `W0` with residual-store error `error` (for a
+        backend's summary; nothing here)."""
 
     def log_summary(self) -> None:
         """Log what the initialisation achieved on this base (nothing to say here)."""
