@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dude_trl.data import make_gsm8k_dataset
+from dude_trl.synthetic import make_gsm8k_dataset
 from dude_trl.eval import GSM8KTask, evaluate
 
 

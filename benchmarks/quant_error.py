@@ -78,7 +78,7 @@ def weight_errors(model, targets: list[str], r: int, alpha: float, spec: QuantSp
 
 def eval_texts(num_problems: int = 12) -> list[str]:
     """The fixed prose above plus synthetic GSM8K-style problems with worked answers."""
-    from dude_trl.data import make_gsm8k_dataset
+    from dude_trl.synthetic import make_gsm8k_dataset
 
     problems = make_gsm8k_dataset(num_problems, seed=0, split="test")
     return TEXT + [f"Question: {q}\nAnswer: {a}" for q, a in zip(problems["question"], problems["answer"])]

@@ -1,282 +1,20 @@
-"""Synthetic GSM8K-style data and SFT dataset loading, all offline and seeded.
+"""SFT datasets for math fine-tuning: loading (synthetic, local file or hub) and formatting.
 
-The generators produce multi-step arithmetic word problems (shopping, rates,
-sharing, percentages, ages, wages) with worked solutions, in two schemas:
-
-- GSM8K: ``{"question", "answer"}``, the answer a worked solution with
-  ``<<a*b=c>>`` calculator annotations ending in ``#### <answer>``.
-- MetaMathQA: ``{"query", "response"}``, the response ending in
-  ``The answer is: <answer>``.
-
-Train and test splits are disjoint by construction: a problem belongs to the
-test split when a hash of its question text falls in a fixed bucket, so no
-question can ever be generated for both splits, whatever the seeds.
+Every source is read in one of two schemas, GSM8K (``question``/``answer``) or
+MetaMathQA (``query``/``response``), and converted to a format TRL's
+``SFTTrainer`` accepts. The synthetic problem sets themselves live in
+:mod:`dude_trl.synthetic`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
-from collections.abc import Callable
-from dataclasses import dataclass
-from fractions import Fraction
 
 import datasets
 
-# Fraction of all possible problems that belongs to the test split (by hash bucket).
-TEST_BUCKETS = 2
-NUM_BUCKETS = 10
-DEFAULT_SYNTHETIC_SIZE = 1000
+from .synthetic import DEFAULT_SYNTHETIC_SIZE, PROBLEM_SETS, make_gsm8k_dataset, make_metamath_dataset
+
 PLAIN_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
-
-_NAMES = [
-    "Ava", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jamal",
-    "Kira", "Liam", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tara",
-]
-_ITEMS = [
-    ("notebook", "notebooks"), ("pencil", "pencils"), ("apple", "apples"), ("book", "books"),
-    ("toy car", "toy cars"), ("mug", "mugs"), ("sticker", "stickers"), ("candle", "candles"),
-]
-_TREATS = ["cookies", "marbles", "stickers", "cards", "candies", "beads"]
-_MACHINES = [("printer", "pages"), ("bakery oven", "loaves"), ("factory line", "bottles"), ("robot", "boxes")]
-_CLOTHES = ["jacket", "pair of shoes", "shirt", "backpack", "lamp", "board game"]
-_JOBS = ["tutoring", "walking dogs", "working at a cafe", "babysitting", "mowing lawns"]
-
-
-@dataclass(frozen=True)
-class Step:
-    """One reasoning step: a sentence and the calculation ``left = result`` it performs."""
-
-    text: str
-    left: str
-    result: Fraction
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A word problem with its reasoning steps; the last step's result is the answer."""
-
-    question: str
-    steps: tuple[Step, ...]
-
-    @property
-    def answer(self) -> Fraction:
-        return self.steps[-1].result
-
-
-def format_number(value: Fraction | int) -> str:
-    """Write a number the way GSM8K does: ``12``, ``8.5``, ``-3`` (no trailing zeros)."""
-    value = Fraction(value)
-    if value.denominator == 1:
-        return str(value.numerator)
-    text = f"{float(value):.6f}".rstrip("0").rstrip(".")
-    return text
-
-
-def _step(text: str, left: str, result: Fraction | int) -> Step:
-    return Step(text=text, left=left, result=Fraction(result))
-
-
-# --- problem templates -------------------------------------------------------------------------
-# Each template draws its parameters from `rng` and returns a Problem with 2-4 steps.
-
-
-def _shopping(rng: random.Random) -> Problem:
-    name = rng.choice(_NAMES)
-    (item1, items1), (item2, items2) = rng.sample(_ITEMS, 2)
-    n1, p1, n2, p2 = rng.randint(2, 9), rng.randint(2, 25), rng.randint(2, 9), rng.randint(2, 25)
-    cost1, cost2 = n1 * p1, n2 * p2
-    total = cost1 + cost2
-    bill = (total // 50 + 1) * 50
-    question = (
-        f"{name} buys {n1} {items1} for ${p1} each and {n2} {items2} for ${p2} each. "
-        f"{name} pays with ${bill}. How much change does {name} get back, in dollars?"
-    )
-    return Problem(question, (
-        _step(f"The {items1} cost", f"{n1}*{p1}", cost1),
-        _step(f"The {items2} cost", f"{n2}*{p2}", cost2),
-        _step("Altogether that is", f"{cost1}+{cost2}", total),
-        _step("So the change is", f"{bill}-{total}", bill - total),
-    ))
-
-
-def _machine_rate(rng: random.Random) -> Problem:
-    machine, units = rng.choice(_MACHINES)
-    rate, hours, days = rng.randint(3, 60), rng.randint(2, 12), rng.randint(2, 7)
-    per_day = rate * hours
-    question = (
-        f"A {machine} makes {rate} {units} per hour. It runs for {hours} hours every day. "
-        f"How many {units} does it make in {days} days?"
-    )
-    return Problem(question, (
-        _step("Each day it makes", f"{rate}*{hours}", per_day),
-        _step(f"In {days} days it makes", f"{per_day}*{days}", per_day * days),
-    ))
-
-
-def _travel(rng: random.Random) -> Problem:
-    name = rng.choice(_NAMES)
-    v1, t1, v2, t2 = rng.randint(20, 90), rng.randint(1, 6), rng.randint(5, 60), rng.randint(1, 5)
-    d1, d2 = v1 * t1, v2 * t2
-    question = (
-        f"{name} drives at {v1} miles per hour for {t1} hours, then at {v2} miles per hour "
-        f"for {t2} more hours. How many miles does {name} travel in total?"
-    )
-    return Problem(question, (
-        _step("The first part is", f"{v1}*{t1}", d1),
-        _step("The second part is", f"{v2}*{t2}", d2),
-        _step("In total that is", f"{d1}+{d2}", d1 + d2),
-    ))
-
-
-def _sharing(rng: random.Random) -> Problem:
-    name = rng.choice(_NAMES)
-    treat = rng.choice(_TREATS)
-    bags, per_bag, friends = rng.randint(2, 6), rng.randint(6, 30), rng.randint(2, 9)
-    total = bags * per_bag
-    each = rng.randint(1, (total - 1) // friends)
-    kept = total - friends * each
-    question = (
-        f"{name} has {bags} bags with {per_bag} {treat} in each. {name} keeps {kept} {treat} and shares "
-        f"the rest equally among {friends} friends. How many {treat} does each friend get?"
-    )
-    return Problem(question, (
-        _step(f"{name} has", f"{bags}*{per_bag}", total),
-        _step("After keeping some, there are", f"{total}-{kept}", total - kept),
-        _step("Each friend gets", f"{total - kept}/{friends}", each),
-    ))
-
-
-def _discount(rng: random.Random) -> Problem:
-    name = rng.choice(_NAMES)
-    thing = rng.choice(_CLOTHES)
-    price = rng.choice([10, 12, 15, 18, 20, 24, 25, 30, 40, 45, 50, 60, 75, 80, 120])
-    percent = rng.choice([5, 10, 15, 20, 25, 30, 40, 50])
-    count = rng.randint(2, 5)
-    off = Fraction(price * percent, 100)
-    sale = price - off
-    question = (
-        f"A {thing} costs ${price}. It is on sale for {percent}% off. "
-        f"How much does {name} pay for {count} of them, in dollars?"
-    )
-    return Problem(question, (
-        _step("The discount is", f"{price}*{percent}/100", off),
-        _step("The sale price is", f"{price}-{format_number(off)}", sale),
-        _step(f"For {count} of them {name} pays", f"{format_number(sale)}*{count}", sale * count),
-    ))
-
-
-def _ages(rng: random.Random) -> Problem:
-    a, b, c = rng.sample(_NAMES, 3)
-    age_c, factor, gap, years = rng.randint(2, 12), rng.randint(2, 4), rng.randint(1, 9), rng.randint(2, 10)
-    age_b = age_c * factor
-    age_a = age_b + gap
-    question = (
-        f"{b} is {factor} times as old as {c}, who is {age_c}. {a} is {gap} years older than {b}. "
-        f"How old will {a} be in {years} years?"
-    )
-    return Problem(question, (
-        _step(f"{b} is", f"{age_c}*{factor}", age_b),
-        _step(f"{a} is", f"{age_b}+{gap}", age_a),
-        _step(f"In {years} years {a} will be", f"{age_a}+{years}", age_a + years),
-    ))
-
-
-def _wages(rng: random.Random) -> Problem:
-    name = rng.choice(_NAMES)
-    job = rng.choice(_JOBS)
-    wage, hours, weeks = rng.randint(8, 30), rng.randint(3, 20), rng.randint(2, 8)
-    weekly = wage * hours
-    earned = weekly * weeks
-    spent = rng.randint(1, earned - 1)
-    question = (
-        f"{name} earns ${wage} an hour {job} and works {hours} hours a week. After {weeks} weeks, "
-        f"{name} spends ${spent} on a bike. How many dollars does {name} have left?"
-    )
-    return Problem(question, (
-        _step("Each week", f"{wage}*{hours}", weekly),
-        _step(f"In {weeks} weeks", f"{weekly}*{weeks}", earned),
-        _step("After the bike", f"{earned}-{spent}", earned - spent),
-    ))
-
-
-TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
-    _shopping, _machine_rate, _travel, _sharing, _discount, _ages, _wages,
-)
-
-
-# --- splitting and sampling ----------------------------------------------------------------------
-
-
-def question_split(question: str) -> str:
-    """Return ``"test"`` or ``"train"`` for a question, from a stable hash of its text."""
-    bucket = int(hashlib.sha256(question.encode("utf-8")).hexdigest(), 16) % NUM_BUCKETS
-    return "test" if bucket < TEST_BUCKETS else "train"
-
-
-def _check_split(split: str) -> None:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-
-def sample_problems(num_samples: int, seed: int = 0, split: str = "train") -> list[Problem]:
-    """Draw ``num_samples`` distinct problems of one split, deterministically for a seed.
-
-    Templates are cycled so every template is represented; a candidate is kept only
-    if its question hashes into the requested split and was not drawn before.
-    """
-    _check_split(split)
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    rng = random.Random(f"dude_trl-synthetic-{split}-{seed}")
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    attempts, max_attempts = 0, 100 * num_samples + 1000
-    while len(problems) < num_samples:
-        attempts += 1
-        if attempts > max_attempts:
-            raise RuntimeError(f"could only draw {len(problems)} distinct {split} problems")
-        problem = TEMPLATES[len(problems) % len(TEMPLATES)](rng)
-        if problem.question in seen or question_split(problem.question) != split:
-            continue
-        seen.add(problem.question)
-        problems.append(problem)
-    return problems
-
-
-def gsm8k_solution(problem: Problem) -> str:
-    """Worked solution in GSM8K style: calculator annotations and a final ``#### <answer>`` line."""
-    lines = [
-        f"{step.text} {step.left} = <<{step.left}={format_number(step.result)}>>{format_number(step.result)}."
-        for step in problem.steps
-    ]
-    return "\n".join(lines) + f"\n#### {format_number(problem.answer)}"
-
-
-def metamath_solution(problem: Problem) -> str:
-    """Worked solution in MetaMathQA style, ending in ``The answer is: <answer>``."""
-    lines = [f"{step.text} {step.left} = {format_number(step.result)}." for step in problem.steps]
-    return " ".join(lines) + f"\nThe answer is: {format_number(problem.answer)}"
-
-
-def make_gsm8k_dataset(num_samples: int, seed: int = 0, split: str = "train") -> datasets.Dataset:
-    """Synthetic GSM8K-schema dataset (``question``, ``answer``) of ``num_samples`` problems."""
-    problems = sample_problems(num_samples, seed=seed, split=split)
-    return datasets.Dataset.from_dict({
-        "question": [p.question for p in problems],
-        "answer": [gsm8k_solution(p) for p in problems],
-    })
-
-
-def make_metamath_dataset(num_samples: int, seed: int = 0, split: str = "train") -> datasets.Dataset:
-    """Synthetic MetaMathQA-schema dataset (``query``, ``response``) of ``num_samples`` problems."""
-    problems = sample_problems(num_samples, seed=seed, split=split)
-    return datasets.Dataset.from_dict({
-        "query": [p.question for p in problems],
-        "response": [metamath_solution(p) for p in problems],
-    })
-
 
 # --- SFT formatting ------------------------------------------------------------------------------
 
@@ -333,8 +71,40 @@ def to_sft_format(
     return dataset.map(convert, remove_columns=dataset.column_names)
 
 
-def _is_local_json(name: str) -> bool:
+# The offline GSM8K dev set: the last 500 problems of the training file, never trained on.
+GSM8K_DEV_SPLIT = "train[-500:]"
+GSM8K_TRAIN_SPLIT = "train[:-500]"
+
+# Hub datasets that need a config name; others load with none.
+_HUB_CONFIGS = {"openai/gsm8k": "main", "gsm8k": "main"}
+
+
+def is_local_json(name: str) -> bool:
+    """Whether ``name`` is an existing local ``.json``/``.jsonl`` file."""
     return name.endswith((".json", ".jsonl")) and os.path.isfile(name)
+
+
+def load_qa_dataset(name: str, split: str, config_name: str | None = None) -> datasets.Dataset:
+    """A GSM8K- or MetaMathQA-schema dataset from a local JSON/JSONL file or the hub, any split.
+
+    ``split`` takes the slices of ``datasets`` (``"train[:-500]"``, ``"train[-500:]"``,
+    ``"test[:50]"``). A local file has a single split, ``train``.
+
+    Raises:
+        ValueError: a local file asked for another split than ``train``, or the data lacks
+            the question/answer fields.
+    """
+    if is_local_json(name):
+        if split.split("[", 1)[0] != "train":
+            raise ValueError(
+                f"{name} is a local file: its one split is 'train', not {split!r}; "
+                f"take a slice of it instead, e.g. {GSM8K_DEV_SPLIT!r} or {GSM8K_TRAIN_SPLIT!r}"
+            )
+        dataset = datasets.load_dataset("json", data_files=name, split=split)
+    else:
+        dataset = datasets.load_dataset(name, config_name or _HUB_CONFIGS.get(name), split=split)
+    qa_columns(dataset.column_names)
+    return dataset
 
 
 def load_sft_dataset(
@@ -344,25 +114,72 @@ def load_sft_dataset(
     seed: int = 0,
     style: str = "prompt_completion",
     conversational: bool = True,
+    config_name: str | None = None,
 ) -> datasets.Dataset:
     """Load a math SFT dataset and convert it with :func:`to_sft_format`.
 
     Args:
-        name: ``None`` or ``"synthetic"`` for synthetic MetaMathQA-style data
-            (``num_samples`` problems, default 1000); a local ``.json``/``.jsonl``
-            file; otherwise a hub dataset name such as ``"meta-math/MetaMathQA"``.
-        split: split to load (synthetic data has ``train`` and ``test``; a local
-            file has a single split, read whatever this says).
+        name: ``None`` or ``"synthetic"`` for synthetic MetaMathQA-style data, ``"curriculum"``
+            for the graded synthetic curriculum in GSM8K style (``num_samples`` problems, default
+            1000; see :mod:`dude_trl.synthetic`); a local ``.json``/``.jsonl`` file; otherwise a
+            hub dataset such as ``"meta-math/MetaMathQA"`` or ``"openai/gsm8k"``.
+        split: split to load, slices included (synthetic data has ``train`` and ``test``; a
+            local file has ``train``, so ``"train[:-500]"`` trains on all but the dev slice).
         num_samples: keep this many examples, after a seeded shuffle for file/hub data.
         seed: generator seed for synthetic data, shuffle seed otherwise.
+        config_name: the hub dataset's config (``openai/gsm8k`` defaults to ``main``).
     """
-    if name is None or name == "synthetic":
-        raw = make_metamath_dataset(DEFAULT_SYNTHETIC_SIZE if num_samples is None else num_samples, seed, split)
-    else:
-        if _is_local_json(name):
-            raw = datasets.load_dataset("json", data_files=name, split="train")
+    if name is None or name in PROBLEM_SETS:
+        size = DEFAULT_SYNTHETIC_SIZE if num_samples is None else num_samples
+        if name == "curriculum":
+            raw = make_gsm8k_dataset(size, seed, split, problem_set="curriculum")
         else:
-            raw = datasets.load_dataset(name, split=split)
+            raw = make_metamath_dataset(size, seed, split)
+    else:
+        raw = load_qa_dataset(name, split, config_name)
         if num_samples is not None:
             raw = raw.shuffle(seed=seed).select(range(min(num_samples, len(raw))))
     return to_sft_format(raw, style=style, conversational=conversational)
+
+
+def _user_text(prompt: object) -> str | None:
+    """The question inside one SFT prompt: the last user turn, or the plain-format question."""
+    if isinstance(prompt, list):
+        users = [turn.get("content") for turn in prompt if isinstance(turn, dict) and turn.get("role") == "user"]
+        return users[-1] if users and isinstance(users[-1], str) else None
+    if isinstance(prompt, str):
+        head, sep, rest = prompt.partition("Question: ")
+        return rest.rsplit("\nAnswer:", 1)[0] if sep and not head.strip() else prompt
+    return None
+
+
+def training_questions(dataset: datasets.Dataset) -> set[str]:
+    """The questions of an SFT dataset in any of the formats :func:`to_sft_format` writes (or raw Q/A)."""
+    columns = dataset.column_names
+    if "prompt" in columns:
+        texts = (_user_text(prompt) for prompt in dataset["prompt"])
+    elif "messages" in columns:
+        texts = (_user_text(messages) for messages in dataset["messages"])
+    else:
+        try:
+            texts = iter(dataset[qa_columns(columns)[0]])
+        except ValueError:
+            return set()
+    return {" ".join(text.split()) for text in texts if text}
+
+
+def check_disjoint(train_dataset: datasets.Dataset, eval_questions: list[str], eval_name: str) -> None:
+    """Refuse an evaluation set that shares questions with the training data.
+
+    Raises:
+        ValueError: naming how many evaluation questions are trained on, one of them, and the fix.
+    """
+    trained = training_questions(train_dataset)
+    shared = [q for q in eval_questions if " ".join(q.split()) in trained]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} of the {len(eval_questions)} evaluation questions of {eval_name} are also in "
+            f"the training data (e.g. {shared[0][:80]!r}): accuracy on them measures memory, not learning. "
+            f"Hold them out, e.g. train on {GSM8K_TRAIN_SPLIT!r} and evaluate on {GSM8K_DEV_SPLIT!r} of the "
+            "same file."
+        )

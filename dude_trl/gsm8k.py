@@ -27,6 +27,8 @@ from .eval.gsm8k import (
     last_number,
     load_gsm8k_eval_dataset,
     normalize_number,
+    reference_answer,
+    strict_answer,
 )
 from .eval.task import evaluate as evaluate_task
 from .eval.task import write_samples_jsonl
@@ -45,6 +47,8 @@ __all__ = [
     "last_number",
     "load_gsm8k_eval_dataset",
     "normalize_number",
+    "reference_answer",
+    "strict_answer",
     "write_samples_jsonl",
 ]
 

@@ -35,8 +35,10 @@ class DuDeSFTConfig(SFTConfig):
             ``grad_norm/lora_A``, ``grad_norm/lora_B``) on every optimizer step.
         eval_task: an evaluation task run inside the training loop by greedy generation
             (``"gsm8k"``; see `dude_trl.eval.TASKS`), logged as ``<task>/<metric>``; None: none.
-        eval_task_dataset: its data: a hub id or a local JSON/JSONL file in the task's format
-            (None: the task's default set).
+        eval_task_dataset: its data: a hub id, a local JSON/JSONL file in the task's format or a
+            synthetic set (``synthetic``, ``curriculum``); None: the task's default set.
+        eval_task_split: the split of `eval_task_dataset`, slices included (``train[-500:]``, the
+            offline GSM8K dev slice of the train file); None: the task's default.
         eval_task_num_samples: problems per evaluation (None: all of `eval_task_dataset`, or the
             task's default number).
         eval_task_steps: evaluate every this many optimizer steps (and once at the end).
@@ -53,6 +55,9 @@ class DuDeSFTConfig(SFTConfig):
     )
     eval_task_dataset: Optional[str] = field(
         default=None, metadata={"help": "Hub id or local JSON/JSONL of the eval task's data (None: its default)."}
+    )
+    eval_task_split: Optional[str] = field(
+        default=None, metadata={"help": "Split of eval_task_dataset, slices included, e.g. 'train[-500:]'."}
     )
     eval_task_num_samples: Optional[int] = field(default=None, metadata={"help": "Problems per evaluation."})
     eval_task_steps: int = field(default=200, metadata={"help": "Evaluate every N optimizer steps."})

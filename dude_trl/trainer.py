@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import datasets
 from trl import SFTTrainer
 
 from .bases.bnb import validate_quantization_config
 from .callbacks import EvalCallback, GradNormCallback
 from .config import DuDeConfig
+from .data import check_disjoint
 from .eval import TASKS
 from .model import initialize_dude_
 from .resume import prepare_dude_resume
@@ -35,7 +37,8 @@ class DuDeSFTTrainer(SFTTrainer):
             ``grad_norm/lora_A``, ``grad_norm/lora_B``) on every optimizer step (None: as
             `DuDeSFTConfig.log_grad_norms` says, True with a plain `SFTConfig`).
         *args, **kwargs: exactly `trl.SFTTrainer`'s. With ``args=DuDeSFTConfig(eval_task=...)``
-            an `EvalCallback` for that task is added.
+            an `EvalCallback` for that task is added, after checking that none of its questions
+            is in ``train_dataset`` (a ValueError names the overlap).
     """
 
     def __init__(
@@ -45,6 +48,9 @@ class DuDeSFTTrainer(SFTTrainer):
         if is_dude and kwargs.get("quantization_config") is not None:
             # Refuse GPTQ/AWQ/... before TRL loads anything.
             kwargs["quantization_config"] = validate_quantization_config(kwargs["quantization_config"])
+        given_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        # Built before the model loads, so an evaluation set that overlaps the training data fails fast.
+        eval_callback = self._eval_task_callback(given_args, kwargs.get("train_dataset"))
         super().__init__(*args, peft_config=peft_config, **kwargs)
         if is_dude:
             # TRL loaded (and, with a quantization_config, quantized) the base itself; a quantized
@@ -62,10 +68,15 @@ class DuDeSFTTrainer(SFTTrainer):
             log_grad_norms = dude_args.log_grad_norms if dude_args is not None else True
         if log_grad_norms:
             GradNormCallback.ensure_attached(self)
-        if dude_args is not None and dude_args.eval_task is not None:
-            self.add_callback(self._eval_task_callback(dude_args))
+        if eval_callback is not None:
+            eval_callback.set_trainer(self)
+            self.add_callback(eval_callback)
 
-    def _eval_task_callback(self, args: DuDeSFTConfig) -> EvalCallback:
+    @staticmethod
+    def _eval_task_callback(args: Any, train_dataset: Any) -> Optional[EvalCallback]:
+        """The `EvalCallback` a `DuDeSFTConfig` asks for, checked against the training questions."""
+        if not isinstance(args, DuDeSFTConfig) or args.eval_task is None:
+            return None
         callback = EvalCallback(
             TASKS[args.eval_task](),
             args.eval_task_dataset,
@@ -74,8 +85,10 @@ class DuDeSFTTrainer(SFTTrainer):
             batch_size=args.eval_task_batch_size,
             num_samples=args.eval_task_num_samples,
             eval_on_start=args.eval_task_on_start,
+            split=args.eval_task_split,
         )
-        callback.set_trainer(self)
+        if isinstance(train_dataset, datasets.Dataset):
+            check_disjoint(train_dataset, callback.questions(), callback.task.name)
         return callback
 
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args: Any, **kwargs: Any) -> Any:

@@ -1,6 +1,6 @@
 """Fine-tune a causal LM on MetaMathQA-style data with DuDe (or a baseline), GSM8K in the loop.
 
-Offline demo (SmolLM2-135M-Instruct from `scripts/fetch_smollm2.py`, synthetic data):
+Offline demo (SmolLM2-135M-Instruct from `scripts/fetch_smollm2.py`, the synthetic curriculum):
 
     accelerate launch examples/sft_metamath.py --config examples/configs/demo_offline.yaml
 
@@ -78,6 +78,7 @@ def main(
         split=script_args.dataset_train_split,
         num_samples=dude_args.num_train_samples,
         seed=training_args.seed,
+        config_name=script_args.dataset_config,
         # Base models without a chat template (Llama-2, Mistral-7B) train on plain Question/Answer text.
         conversational=tokenizer.chat_template is not None,
     )

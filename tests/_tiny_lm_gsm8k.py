@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dude_trl.data import format_number, make_gsm8k_dataset
+from dude_trl.synthetic import format_number, make_gsm8k_dataset
 from dude_trl.gsm8k import extract_answer
 
 SPECIAL = ["<pad>", "<eos>", "<bos>"]
@@ -186,7 +186,8 @@ def zero3_training_main(out_dir: str) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from dude_trl.callbacks.gsm8k_eval import GSM8KEvalCallback
-    from dude_trl.data import make_metamath_dataset, to_sft_format
+    from dude_trl.data import to_sft_format
+    from dude_trl.synthetic import make_metamath_dataset
 
     ds_config = {
         "zero_optimization": {"stage": 3},

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,12 +16,22 @@ import pytest
 from trl.data_utils import is_conversational
 
 from dude_trl.data import (
-    TEMPLATES,
+    GSM8K_DEV_SPLIT,
+    GSM8K_TRAIN_SPLIT,
+    check_disjoint,
+    load_qa_dataset,
     load_sft_dataset,
+    to_sft_format,
+    training_questions,
+)
+from dude_trl.gsm8k import load_gsm8k_eval_dataset
+from dude_trl.synthetic import (
+    TEMPLATES,
+    gsm8k_solution,
     make_gsm8k_dataset,
     make_metamath_dataset,
     question_split,
-    to_sft_format,
+    sample_problems,
 )
 from dude_trl.gsm8k import extract_answer
 
@@ -165,3 +177,84 @@ def test_load_sft_dataset_local_json(tmp_path):
     bad.write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(ValueError, match="question"):
         load_sft_dataset(str(bad))
+
+
+# --- the graded curriculum ------------------------------------------------------------------------
+
+
+def test_curriculum_has_one_two_and_three_step_problems_with_exact_answers():
+    problems = sample_problems(90, seed=0, split="train", problem_set="curriculum")
+    steps = Counter(len(p.steps) for p in problems)
+    assert steps == {1: 30, 2: 30, 3: 30}  # the levels in equal parts
+    for problem in problems:
+        for step in problem.steps:  # every step's arithmetic is exact
+            assert Fraction(eval(step.left)) == step.result, step  # noqa: S307 -- our own "a+b" strings
+        assert problem.steps[-1].result == problem.answer
+        assert problem.answer == int(problem.answer) and 0 <= problem.answer < 1000
+    answer = gsm8k_solution(problems[0], calculator=False)
+    assert "<<" not in answer and answer.endswith(f"#### {problems[0].answer}")
+
+
+def test_curriculum_splits_are_disjoint_and_the_synthetic_set_is_unchanged():
+    train = set(make_gsm8k_dataset(600, seed=0, problem_set="curriculum")["question"])
+    test = set(make_gsm8k_dataset(200, seed=0, split="test", problem_set="curriculum")["question"])
+    assert len(train) == 600 and len(test) == 200 and not train & test
+    # Adding a problem set left the default one as it was: same seed string, same first problem.
+    assert make_gsm8k_dataset(1, seed=0)["question"][0] == sample_problems(1, seed=0)[0].question
+    with pytest.raises(ValueError, match="unknown synthetic problem set 'nope'.*curriculum"):
+        make_gsm8k_dataset(1, problem_set="nope")
+
+
+def test_load_sft_dataset_curriculum_is_gsm8k_format():
+    sft = load_sft_dataset("curriculum", num_samples=5, seed=3)
+    assert len(sft) == 5
+    assert all(row["completion"][0]["content"].splitlines()[-1].startswith("#### ") for row in sft)
+
+
+# --- real GSM8K: the offline dev slice ---------------------------------------------------------------
+
+REAL_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def _gsm8k_like_file(tmp_path: Path, n: int = 30) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{i}: what is {i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"}) + "\n"
+                            for i in range(n)))  # fmt: skip
+    return path
+
+
+def test_dev_slice_and_train_slice_split_a_local_file(tmp_path):
+    path = _gsm8k_like_file(tmp_path, 600)
+    train = load_qa_dataset(str(path), GSM8K_TRAIN_SPLIT)
+    dev = load_qa_dataset(str(path), GSM8K_DEV_SPLIT)
+    assert len(train) == 100 and len(dev) == 500
+    assert not set(train["question"]) & set(dev["question"])
+    assert dev["question"][0] == "Q100: what is 100+1?"
+    with pytest.raises(ValueError, match="local file: its one split is 'train', not 'test'.*train\\[-500:\\]"):
+        load_qa_dataset(str(path), "test")
+
+
+@pytest.mark.skipif(not REAL_GSM8K.exists(), reason=f"{REAL_GSM8K} missing")
+def test_real_gsm8k_dev_slice_is_never_trained_on():
+    """The documented split of the real train file: its last 500 problems are the dev set, the
+    other 6,973 train; no question is in both, and together they are the whole file."""
+    train = load_sft_dataset(str(REAL_GSM8K), split=GSM8K_TRAIN_SPLIT)
+    dev = load_gsm8k_eval_dataset(str(REAL_GSM8K), split=GSM8K_DEV_SPLIT)
+    assert len(train) == 6973 and len(dev) == 500
+    trained = training_questions(train)
+    assert len(trained) >= 6900  # GSM8K has a few repeated questions
+    assert not trained & {" ".join(q.split()) for q in dev["question"]}
+    check_disjoint(train, dev["question"], "the dev slice")  # does not raise
+    with pytest.raises(ValueError, match="500 of the 500 evaluation questions of the whole file are also in"):
+        check_disjoint(load_sft_dataset(str(REAL_GSM8K)), dev["question"], "the whole file")
+
+
+@pytest.mark.parametrize("style, conversational", [("prompt_completion", True), ("prompt_completion", False),
+                                                    ("messages", True)])  # fmt: skip
+def test_check_disjoint_reads_every_sft_format(tmp_path, style, conversational):
+    path = _gsm8k_like_file(tmp_path)
+    sft = load_sft_dataset(str(path), split="train[:20]", style=style, conversational=conversational)
+    assert training_questions(sft) == {f"Q{i}: what is {i}+1?" for i in range(20)}
+    check_disjoint(sft, [f"Q{i}: what is {i}+1?" for i in range(20, 30)], "dev")
+    with pytest.raises(ValueError, match="1 of the 2 evaluation questions of dev are also in the training data"):
+        check_disjoint(sft, ["Q3: what is 3+1?", "new"], "dev")

@@ -14,7 +14,8 @@ from trl import SFTConfig, SFTTrainer
 
 from _tiny_lm_gsm8k import make_llama, make_tokenizer
 from dude_trl.callbacks import EvalCallback
-from dude_trl.data import make_metamath_dataset, to_sft_format
+from dude_trl.data import to_sft_format
+from dude_trl.synthetic import make_metamath_dataset
 from dude_trl.eval import EvalTask, evaluate, generate
 
 WORDS = ["apple", "kiwi", "banana split", "fig", "cherry pie"]

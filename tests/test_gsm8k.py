@@ -25,7 +25,7 @@ from _tiny_lm_gsm8k import (
     make_tokenizer,
 )
 from dude_trl import gsm8k
-from dude_trl.data import make_gsm8k_dataset, make_metamath_dataset
+from dude_trl.synthetic import make_gsm8k_dataset, make_metamath_dataset
 from dude_trl.eval import generation
 from dude_trl.gsm8k import (
     AnswerCompleteCriteria,
@@ -34,8 +34,10 @@ from dude_trl.gsm8k import (
     extract_answer,
     is_correct,
     is_correct_flexible,
+    last_number,
     load_gsm8k_eval_dataset,
     normalize_number,
+    strict_answer,
 )
 
 TESTS_DIR = Path(__file__).parent
@@ -109,7 +111,8 @@ def test_never_raises_on_random_strings():
         is_correct(text, text)
     huge = "9" * 6000
     assert extract_answer(f"#### {huge}") == huge
-    assert is_correct(huge, huge) and not is_correct(huge, huge[:-1] + "8")
+    assert is_correct(f"#### {huge}", huge) and not is_correct(f"#### {huge}", huge[:-1] + "8")
+    assert is_correct_flexible(huge, huge) and not is_correct_flexible(huge, huge[:-1] + "8")
     assert extract_answer(None) is None  # type: ignore[arg-type]
     assert extract_answer("\\boxed{" * 2000) is None
 
@@ -135,13 +138,29 @@ def test_is_correct(completion, reference, expected):
     ("#### 72", "72", True, True),
     ("#### 72\nNext, 3 more", "72", True, False),  # the marker wins strictly; the last number is 3
     ("The answer is 5 (from 2 and 3)", "#### 5", True, False),
-    ("2 + 3 = 5", "5", True, True),
-    ("it is \u22124", "-4", True, True),
+    ("\\boxed{5} since 2 + 3", "5", True, False),
+    # No final-answer marker: strictly wrong, as lm-eval's strict-match; flexibly the last number.
+    ("2 + 3 = 5", "5", False, True),
+    ("it is \u22124", "-4", False, True),
+    ("Kira has 26+8 = 34.\n#### 35", "#### 34", False, False),
+    ("Kira has 26+8 = 34.\n#### 34", "#### 34", True, True),
+    ("Kira has 26+8 = 34.", "#### 34", False, True),  # right number, final answer never stated
+    ("#### 34", 34, True, True),  # numeric references (int / float columns)
+    ("The answer is 3/4 = 0.75", 0.75, False, True),
     ("no number", "5", False, False),
+    ("", "5", False, False),
 ])
 def test_strict_and_flexible_readings(completion, reference, strict, flexible):
     assert is_correct(completion, reference) is strict
     assert is_correct_flexible(completion, reference) is flexible
+
+
+@pytest.mark.parametrize("completion, strict, flexible", [
+    ("#### 5", "5", "5"), ("2 + 3 = 5", None, "5"), ("The answer is 4, not 5", "4", "5"), ("none", None, None),
+])
+def test_strict_answer_needs_a_marker(completion, strict, flexible):
+    assert strict_answer(completion) == strict
+    assert last_number(completion) == flexible
 
 
 # --- prompts and stopping -----------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from trl import SFTConfig, SFTTrainer
 
 from _tiny_lm_gsm8k import ScriptedLM, answer_table, make_llama, make_tokenizer
 from dude_trl.callbacks.gsm8k_eval import GSM8KEvalCallback
-from dude_trl.data import make_gsm8k_dataset, make_metamath_dataset, to_sft_format
+from dude_trl.data import to_sft_format
+from dude_trl.synthetic import make_gsm8k_dataset, make_metamath_dataset
 
 KEYS = ("gsm8k/accuracy", "gsm8k/accuracy_flexible", "gsm8k/num_samples")
 

@@ -25,7 +25,8 @@ def history(n_steps: int = 12, with_total: bool = True, with_accuracy: bool = Tr
             row["grad_norm/total"] = 1.0 + 0.01 * step
         rows.append(row)
         if with_accuracy and step % 4 == 0:
-            rows.append({"gsm8k/accuracy": step / 40, "gsm8k/num_samples": 50, "step": step})
+            rows.append({"gsm8k/accuracy": step / 40, "gsm8k/accuracy_flexible": step / 20, "gsm8k/num_samples": 50,
+                         "step": step})  # fmt: skip
     rows.append({"eval_loss": 1.0, "step": n_steps})
     rows.append({"train_loss": 2.0, "train_runtime": 1.0, "step": n_steps})
     return rows
@@ -48,6 +49,8 @@ def test_extract_curves_reads_loss_grad_norm_total_and_accuracy():
     assert curves.grad_norm.values == pytest.approx([1.0 + 0.01 * s for s in range(1, 13)])
     assert curves.accuracy.steps == [4, 8, 12]
     assert curves.accuracy.values == pytest.approx([0.1, 0.2, 0.3])
+    assert curves.accuracy_flexible.steps == [4, 8, 12]
+    assert curves.accuracy_flexible.values == pytest.approx([0.2, 0.4, 0.6])
 
 
 def test_extract_curves_falls_back_to_trainer_grad_norm_and_handles_missing_accuracy():

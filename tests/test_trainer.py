@@ -106,7 +106,7 @@ def test_dude_sft_config_carries_the_trainers_own_settings(tmp_path):
     from trl import TrlParser
 
     from dude_trl import DuDeSFTConfig
-    from dude_trl.data import make_gsm8k_dataset
+    from dude_trl.synthetic import make_gsm8k_dataset
 
     eval_file = tmp_path / "dev.jsonl"
     make_gsm8k_dataset(3, seed=0, split="test").to_json(str(eval_file))
@@ -145,3 +145,44 @@ def test_dude_sft_config_trains_in_float32_on_cpu_unless_bf16_is_asked(tmp_path)
     assert SFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is True  # TRL's default, which this changes
     assert DuDeSFTConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is False
     assert DuDeSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True).bf16 is True
+
+
+def _gsm8k_file(path, n: int) -> str:
+    path.write_text("".join(json.dumps({"question": f"What is {i} plus 2?", "answer": f"{i}+2 = {i + 2}\n#### {i + 2}"}) + "\n"
+                            for i in range(n)))  # fmt: skip
+    return str(path)
+
+
+def test_eval_task_on_training_questions_is_refused_and_a_held_out_slice_trains(tmp_path):
+    """An in-loop evaluation whose questions are in the training data is refused by name; the
+    documented held-out slice of the same file (train on `train[:-k]`, evaluate `train[-k:]`) runs,
+    evaluates at step 0 and writes every sample."""
+    from dude_trl import DuDeSFTConfig
+    from dude_trl.data import load_sft_dataset
+
+    data_file = _gsm8k_file(tmp_path / "train.jsonl", 24)
+    config = DuDeConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], method="dude")
+
+    def trainer(train_split: str, eval_split: str | None) -> DuDeSFTTrainer:
+        args = DuDeSFTConfig(
+            output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to="none",
+            use_cpu=True, save_strategy="no", disable_tqdm=True, log_grad_norms=False, eval_task="gsm8k",
+            eval_task_dataset=data_file, eval_task_split=eval_split, eval_task_on_start=True,
+            eval_task_max_new_tokens=4, eval_task_batch_size=4,
+        )  # fmt: skip
+        train = load_sft_dataset(data_file, split=train_split, conversational=False)
+        return DuDeSFTTrainer(model=make_qwen2(), args=args, train_dataset=train, processing_class=make_tokenizer(),
+                              peft_config=config)  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"24 of the 24 evaluation questions of gsm8k are also in the training data"):
+        trainer("train", None)
+    with pytest.raises(ValueError, match=r"6 of the 6 evaluation questions"):
+        trainer("train", "train[-6:]")
+    run = trainer("train[:-6]", "train[-6:]")
+    run.train()
+    evals = [h for h in run.state.log_history if "gsm8k/accuracy" in h]
+    assert [h["step"] for h in evals] == [0, 1] and evals[0]["gsm8k/num_samples"] == 6
+    samples = [json.loads(line) for line in (tmp_path / "run" / "gsm8k_samples_step0.jsonl").open()]
+    assert [s["question"] for s in samples] == [f"What is {i} plus 2?" for i in range(18, 24)]
+    assert all(s["prompt"].endswith(f"Question: {s['question']}\nAnswer:") for s in samples)
+    assert {"answer", "prediction", "correct", "prediction_flexible", "correct_flexible"} <= samples[0].keys()

@@ -55,8 +55,9 @@ class EvalCallback(TrainerCallback):
         max_new_tokens, batch_size, num_samples, use_chat_template: passed to
             :func:`dude_trl.eval.task.evaluate` (``max_new_tokens=None``: the task's own).
         eval_on_start: also evaluate before the first step.
-        num_logged_samples: sample records written/logged per evaluation.
+        num_logged_samples: sample records written/logged per evaluation (None: every row).
         tokenizer: overrides the trainer's ``processing_class``.
+        split: the split ``task.load`` reads when ``dataset`` is a name or path.
     """
 
     def __init__(
@@ -69,14 +70,15 @@ class EvalCallback(TrainerCallback):
         batch_size: int = 16,
         num_samples: int | None = None,
         eval_on_start: bool = False,
-        num_logged_samples: int = 4,
+        num_logged_samples: int | None = None,
         tokenizer: Any = None,
         use_chat_template: bool | None = None,
+        split: str | None = None,
     ):
         if eval_steps <= 0:
             raise ValueError(f"eval_steps must be positive, got {eval_steps}")
         if dataset is None or isinstance(dataset, str):
-            dataset = task.load(dataset, num_samples=num_samples)
+            dataset = task.load(dataset, num_samples=num_samples, split=split)
         self.task = task
         self.dataset = dataset
         self.eval_steps = eval_steps
@@ -90,6 +92,13 @@ class EvalCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self.last_evaluated_step: int | None = None
         self.history: list[dict[str, Any]] = []
+
+    def questions(self) -> list[str]:
+        """The question text of every row evaluated, for the task that has one (see ``EvalTask.question``)."""
+        rows = self.task.rows(self.dataset)
+        if self.num_samples is not None:
+            rows = rows[:self.num_samples]
+        return [q for q in map(self.task.question, rows) if q is not None]
 
     # --- binding to the trainer --------------------------------------------------------------
 

@@ -23,7 +23,7 @@ class GSM8KEvalCallback(EvalCallback):
         max_new_tokens, batch_size, num_samples, use_chat_template: passed to
             :func:`dude_trl.eval.task.evaluate`.
         eval_on_start: also evaluate before the first step.
-        num_logged_samples: sample completions written/logged per evaluation.
+        num_logged_samples: sample completions written/logged per evaluation (None: all).
         tokenizer: overrides the trainer's ``processing_class``.
         few_shot: prepend this many worked examples (synthetic train split) to each prompt.
     """
@@ -37,7 +37,7 @@ class GSM8KEvalCallback(EvalCallback):
         batch_size: int = 16,
         num_samples: int | None = None,
         eval_on_start: bool = False,
-        num_logged_samples: int = 4,
+        num_logged_samples: int | None = None,
         tokenizer: Any = None,
         few_shot: int = 0,
         use_chat_template: bool | None = None,

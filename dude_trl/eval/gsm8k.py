@@ -1,15 +1,14 @@
 """GSM8K as an evaluation task: answer extraction, scoring, prompts, stopping and data.
 
-Two readings of a completion are scored. ``accuracy`` takes the answer after the
-final-answer marker (``#### N``, ``\\boxed{N}``, ``The answer is N``; the last number
-when there is none, see :func:`extract_answer`); ``accuracy_flexible`` takes the
-last number anywhere in the completion. Both compare numerically with the reference,
-a bare number or a full solution ending in ``#### N``.
+Two readings of a completion are scored, as lm-evaluation-harness's gsm8k task does.
+``accuracy`` (strict) takes the answer after the final-answer marker (``#### N``, and
+also ``\\boxed{N}`` or ``The answer is N``); a completion without one is wrong.
+``accuracy_flexible`` takes the last number anywhere in the completion. Both compare
+numerically with the reference, a number or a full solution ending in ``#### N``.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation, localcontext
@@ -19,7 +18,8 @@ import datasets
 import torch
 from transformers import StoppingCriteria
 
-from ..data import PLAIN_PROMPT_TEMPLATE, make_gsm8k_dataset, qa_columns
+from ..data import PLAIN_PROMPT_TEMPLATE, is_local_json, load_qa_dataset, qa_columns
+from ..synthetic import PROBLEM_SETS, make_gsm8k_dataset
 from .task import EvalTask
 
 DEFAULT_EVAL_SIZE = 200
@@ -142,6 +142,17 @@ def extract_answer(text: str) -> str | None:
 
     Returns None for a text without any number (and for a non-string). Never raises.
     """
+    answer = strict_answer(text)
+    return answer if answer is not None else last_number(text)
+
+
+def strict_answer(text: str) -> str | None:
+    """The number after a final-answer marker (``####``, ``\\boxed{}``, ``The answer is``), or None.
+
+    The strict reading of a completion: as :func:`extract_answer`, without its fallback to
+    the last number, so a completion that never states its final answer is wrong.
+    Never raises.
+    """
     if not isinstance(text, str):
         return None
     text = text.replace("\u2212", "-")
@@ -149,8 +160,7 @@ def extract_answer(text: str) -> str | None:
         answer = finder(text)
         if answer is not None:
             return answer
-    numbers = _numbers(text)
-    return numbers[-1] if numbers else None
+    return None
 
 
 def _numbers_equal(a: str, b: str) -> bool:
@@ -164,14 +174,23 @@ def _numbers_equal(a: str, b: str) -> bool:
         return False
 
 
-def is_correct(completion: str, reference: str) -> bool:
-    """Whether the answer extracted from ``completion`` equals the reference answer.
+def reference_answer(reference: str | int | float) -> str | None:
+    """The answer of a reference: a number (``72``, ``"1,200"``) or a solution ending in ``#### N``."""
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        return normalize_number(format(Decimal(str(reference)), "f"))
+    return extract_answer(reference)
 
-    ``reference`` is a bare number (``"72"``, ``"1,200"``) or a full GSM8K solution
-    ending in ``#### <number>``. Numbers are compared numerically within 1e-6.
-    False when either side has no extractable number.
+
+def is_correct(completion: str, reference: str | int | float) -> bool:
+    """Strict scoring: whether the final answer ``completion`` states equals the reference answer.
+
+    The completion's answer is :func:`strict_answer` (after ``####``, ``\\boxed{}`` or ``The
+    answer is``); a completion without one is wrong, as in lm-evaluation-harness's
+    ``strict-match``. ``reference`` is a bare number (``"72"``, ``"1,200"``, ``5``) or a full
+    GSM8K solution ending in ``#### <number>``. Numbers are compared numerically within 1e-6.
+    False when either side has no number.
     """
-    predicted, expected = extract_answer(completion), extract_answer(reference)
+    predicted, expected = strict_answer(completion), reference_answer(reference)
     if predicted is None or expected is None:
         return False
     return _numbers_equal(predicted, expected)
@@ -188,9 +207,12 @@ def last_number(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def is_correct_flexible(completion: str, reference: str) -> bool:
-    """Whether the last number of ``completion`` equals the reference answer (see :func:`is_correct`)."""
-    predicted, expected = last_number(completion), extract_answer(reference)
+def is_correct_flexible(completion: str, reference: str | int | float) -> bool:
+    """Flexible scoring: whether the last number of ``completion`` equals the reference answer.
+
+    As lm-evaluation-harness's ``flexible-extract``; see :func:`is_correct` for the reference.
+    """
+    predicted, expected = last_number(completion), reference_answer(reference)
     if predicted is None or expected is None:
         return False
     return _numbers_equal(predicted, expected)
@@ -266,9 +288,11 @@ class GSM8KTask(EvalTask):
         self.few_shot = few_shot
         self.shots = _few_shot_examples(few_shot)
 
-    def load(self, name_or_path: str | None = None, num_samples: int | None = None) -> datasets.Dataset:
+    def load(
+        self, name_or_path: str | None = None, num_samples: int | None = None, split: str | None = None
+    ) -> datasets.Dataset:
         """See :func:`load_gsm8k_eval_dataset`."""
-        return load_gsm8k_eval_dataset(name_or_path, num_samples=num_samples)
+        return load_gsm8k_eval_dataset(name_or_path, num_samples=num_samples, split=split)
 
     def rows(self, dataset: datasets.Dataset | Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
         """(question, reference answer) pairs of a GSM8K- or MetaMathQA-schema dataset or list of dicts."""
@@ -280,6 +304,9 @@ class GSM8KTask(EvalTask):
             return []
         question_col, answer_col = qa_columns(list(rows[0].keys()))
         return [(row[question_col], row[answer_col]) for row in rows]
+
+    def question(self, row: tuple[str, str]) -> str:
+        return row[0]
 
     def prompt(self, row: tuple[str, str], tokenizer: Any, use_chat_template: bool) -> str:
         return build_prompt(tokenizer, row[0], self.shots, use_chat_template)
@@ -301,7 +328,9 @@ class GSM8KTask(EvalTask):
         question, reference = row
         return {
             "question": question, "completion": completion, "reference": reference,
-            "prediction": extract_answer(completion), "correct": scores["accuracy"],
+            "answer": reference_answer(reference),
+            "prediction": strict_answer(completion), "correct": bool(scores["accuracy"]),
+            "prediction_flexible": last_number(completion), "correct_flexible": bool(scores["accuracy_flexible"]),
         }
 
 
@@ -315,28 +344,30 @@ def _few_shot_examples(few_shot: int) -> list[tuple[str, str]]:
 # --- evaluation data ---------------------------------------------------------------------------------
 
 
-def load_gsm8k_eval_dataset(name_or_path: str | None = None, num_samples: int | None = None) -> datasets.Dataset:
+def load_gsm8k_eval_dataset(
+    name_or_path: str | None = None, num_samples: int | None = None, split: str | None = None
+) -> datasets.Dataset:
     """GSM8K-schema evaluation data (``question``, ``answer``).
 
     Args:
-        name_or_path: None for the package's synthetic GSM8K test split (disjoint
-            from the synthetic train split; 200 rows unless ``num_samples``); a local
-            ``.json``/``.jsonl`` file; ``"openai/gsm8k"`` for the real test split
-            (``main`` config); any other hub name loads its ``test`` split.
+        name_or_path: None or ``"synthetic"`` for the package's synthetic GSM8K test split,
+            ``"curriculum"`` for the graded curriculum's test split (both disjoint from their
+            train splits; 200 rows unless ``num_samples``); a local ``.json``/``.jsonl`` file;
+            ``"openai/gsm8k"`` (``main`` config) or any other hub name.
         num_samples: keep the first ``num_samples`` rows.
+        split: which split, slices included (``"test[:100]"``, ``"train[-500:]"``). None: ``test``
+            for synthetic and hub data, the whole file for a local file.
 
     Raises:
-        ValueError: the data lacks ``question``/``answer`` (or ``query``/``response``).
+        ValueError: the data lacks ``question``/``answer`` (or ``query``/``response``), or a
+            local file was asked for a split other than ``train``.
     """
-    if name_or_path is None or name_or_path == "synthetic":
-        return make_gsm8k_dataset(DEFAULT_EVAL_SIZE if num_samples is None else num_samples, split="test")
-    if name_or_path.endswith((".json", ".jsonl")) and os.path.isfile(name_or_path):
-        dataset = datasets.load_dataset("json", data_files=name_or_path, split="train")
-    elif name_or_path == "openai/gsm8k":
-        dataset = datasets.load_dataset("openai/gsm8k", "main", split="test")
-    else:
-        dataset = datasets.load_dataset(name_or_path, split="test")
-    qa_columns(dataset.column_names)
+    if name_or_path is None or name_or_path in PROBLEM_SETS:
+        size = DEFAULT_EVAL_SIZE if num_samples is None else num_samples
+        return make_gsm8k_dataset(size, split=split or "test", problem_set=name_or_path or "synthetic")
+    if split is None:
+        split = "train" if is_local_json(name_or_path) else "test"
+    dataset = load_qa_dataset(name_or_path, split)
     if num_samples is not None:
         dataset = dataset.select(range(min(num_samples, len(dataset))))
     return dataset

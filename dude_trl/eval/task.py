@@ -39,7 +39,9 @@ class EvalTask(ABC):
     metrics: tuple[str, ...]
     max_new_tokens: int = 256
 
-    def load(self, name_or_path: str | None = None, num_samples: int | None = None) -> Sequence[Any]:
+    def load(
+        self, name_or_path: str | None = None, num_samples: int | None = None, split: str | None = None
+    ) -> Sequence[Any]:
         """The task's evaluation data (its default set for None); tasks without one need a dataset."""
         raise NotImplementedError(f"task {self.name!r} has no default data; pass a dataset")
 
@@ -49,6 +51,10 @@ class EvalTask(ABC):
         Raises ValueError for data the task cannot read. Default: the rows as they are.
         """
         return list(dataset)
+
+    def question(self, row: Any) -> str | None:
+        """The question text of a row, compared with the training data to refuse overlap (None: not checked)."""
+        return None
 
     @abstractmethod
     def prompt(self, row: Any, tokenizer: Any, use_chat_template: bool) -> str:
@@ -90,7 +96,7 @@ def evaluate(
     num_samples: int | None = None,
     use_chat_template: bool | None = None,
     progress: bool = True,
-    num_returned_samples: int = 8,
+    num_returned_samples: int | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``task`` by batched greedy generation.
 
@@ -104,13 +110,14 @@ def evaluate(
         num_samples: evaluate only the first ``num_samples`` rows.
         use_chat_template: None uses the tokenizer's chat template when it has one.
         progress: show a tqdm bar (on rank 0).
-        num_returned_samples: how many sample records to return.
+        num_returned_samples: how many sample records to return (None: all).
 
     Returns:
         ``{"metrics", "scores", "samples"}``: ``metrics`` maps each of
         ``task.metrics`` to its mean over the rows (0.0 without rows) plus
         ``num_samples``; ``scores`` holds every row's ``task.score``, in order;
-        ``samples`` the ``task.sample`` records of the first ``num_returned_samples`` rows.
+        ``samples`` the ``task.sample`` records, each with its ``prompt``, of the first
+        ``num_returned_samples`` rows.
 
     Distributed: every rank must call this, with the same data (see
     :func:`dude_trl.eval.generation.generate`); every rank returns the same result.
@@ -138,8 +145,11 @@ def evaluate(
         key: sum(score[key] for score in scores) / len(scores) if scores else 0.0 for key in task.metrics
     }
     metrics["num_samples"] = len(rows)
-    kept = rows[:max(num_returned_samples, 0)]
-    samples = [task.sample(row, completion, score) for row, completion, score in zip(kept, completions, scores)]
+    kept = rows if num_returned_samples is None else rows[:max(num_returned_samples, 0)]
+    samples = [
+        {"prompt": prompt, **task.sample(row, completion, score)}
+        for row, prompt, completion, score in zip(kept, prompts, completions, scores)
+    ]
     return {"metrics": metrics, "scores": scores, "samples": samples}
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 
 GRAD_NORM_KEYS = ("grad_norm/total", "grad_norm")
 ACCURACY_KEYS = ("gsm8k/accuracy", "eval_gsm8k/accuracy")
+FLEXIBLE_ACCURACY_KEYS = ("gsm8k/accuracy_flexible", "eval_gsm8k/accuracy_flexible")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RunCurves:
     grad_norm: Series
     grad_norm_key: str | None
     accuracy: Series
+    accuracy_flexible: Series = field(default_factory=Series)
 
 
 def find_trainer_state(run_dir: str | Path) -> Path:
@@ -88,17 +90,20 @@ def extract_curves(log_history: Sequence[dict], label: str) -> RunCurves:
 
     Training rows carry ``loss``; the gradient norm is ``grad_norm/total`` when any row
     has it (pre-clip, logged by `GradNormCallback`), else ``grad_norm``; accuracy is
-    ``gsm8k/accuracy`` (or ``eval_gsm8k/accuracy``) from whichever rows hold it.
+    ``gsm8k/accuracy`` (strict) and ``gsm8k/accuracy_flexible`` (or their ``eval_`` forms)
+    from whichever rows hold them.
     """
     present = {key for row in log_history for key in row}
     grad_key = next((k for k in GRAD_NORM_KEYS if k in present), None)
     acc_key = next((k for k in ACCURACY_KEYS if k in present), None)
+    flexible_key = next((k for k in FLEXIBLE_ACCURACY_KEYS if k in present), None)
     curves = RunCurves(label=label, loss=Series(), grad_norm=Series(), grad_norm_key=grad_key, accuracy=Series())
     for row in log_history:
         step = row.get("step")
         if step is None:
             continue
-        for series, key in ((curves.loss, "loss"), (curves.grad_norm, grad_key), (curves.accuracy, acc_key)):
+        for series, key in ((curves.loss, "loss"), (curves.grad_norm, grad_key), (curves.accuracy, acc_key),
+                            (curves.accuracy_flexible, flexible_key)):  # fmt: skip
             if key is not None and _is_number(row.get(key)):
                 series.append(int(step), float(row[key]))
     return curves
@@ -170,12 +175,19 @@ def plot_runs(
     # clip_grad_norm_ returns), so one title fits either.
     _draw_panel(axes[0], runs, lambda r: r.loss, "Training loss", "loss", "training loss", smooth)
     _draw_panel(axes[1], runs, lambda r: r.grad_norm, "Gradient norm (pre-clip)", "L2 norm", "gradient norm", smooth)
-    _draw_panel(axes[2], runs, lambda r: r.accuracy, "GSM8K accuracy", "accuracy", "GSM8K accuracy", 1)
+    _draw_panel(axes[2], runs, lambda r: r.accuracy, "GSM8K accuracy (solid: strict, dotted: flexible)",
+                "accuracy", "GSM8K accuracy", 1)  # fmt: skip
+    for i, run in enumerate(runs):
+        flexible = run.accuracy_flexible
+        if flexible.steps:
+            axes[2].plot(flexible.steps, flexible.values, color=f"C{i % 10}", linestyle=":", marker="s",
+                         markersize=3, linewidth=1.4)  # fmt: skip
     if axes[1].has_data() and _wide_range([v for r in runs for v in r.grad_norm.values]):
         axes[1].set_yscale("log")
     if axes[2].has_data():
         axes[2].yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-        axes[2].set_ylim(*accuracy_limits([v for r in runs for v in r.accuracy.values]))
+        accuracies = [v for r in runs for v in r.accuracy.values + r.accuracy_flexible.values]
+        axes[2].set_ylim(*accuracy_limits(accuracies))
     _align_steps([ax for ax in axes if ax.has_data()])
     _add_legend(fig, axes)
     suffix = f", smoothed over {smooth} logs" if smooth > 1 else ""
