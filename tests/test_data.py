@@ -258,3 +258,20 @@ def test_check_disjoint_reads_every_sft_format(tmp_path, style, conversational):
     check_disjoint(sft, [f"Q{i}: what is {i}+1?" for i in range(20, 30)], "dev")
     with pytest.raises(ValueError, match="1 of the 2 evaluation questions of dev are also in the training data"):
         check_disjoint(sft, ["Q3: what is 3+1?", "new"], "dev")
+
+
+def test_hub_gsm8k_loads_its_main_config(monkeypatch):
+    """Online, `openai/gsm8k` needs its config name; the same loader then reads any split."""
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, **kwargs):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"question": ["q"], "answer": ["#### 1"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert len(load_qa_dataset("openai/gsm8k", "test[:10]")) == 1
+    load_sft_dataset("openai/gsm8k", split="train")
+    load_gsm8k_eval_dataset("openai/gsm8k")
+    load_qa_dataset("meta-math/MetaMathQA", "train", config_name=None)
+    assert calls == [("openai/gsm8k", "main", "test[:10]"), ("openai/gsm8k", "main", "train"),
+                     ("openai/gsm8k", "main", "test"), ("meta-math/MetaMathQA", None, "train")]  # fmt: skip
