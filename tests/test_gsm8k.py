@@ -146,7 +146,11 @@ def test_is_correct(completion, reference, expected):
     ("Kira has 26+8 = 34.\n#### 34", "#### 34", True, True),
     ("Kira has 26+8 = 34.", "#### 34", False, True),  # right number, final answer never stated
     ("#### 34", 34, True, True),  # numeric references (int / float columns)
-    ("The answer is 3/4 = 0.75", 0.75, False, True),
+    ("The answer is 3/4 = 0.75", 0.75, True, True),  # a stated fraction is its value
+    ("The answer is: 3/4", "0.75", True, False),
+    ("#### 1/3", "0.3333333", True, False),
+    ("#### 3/0", "3", False, False),  # no value, not an error
+    ("#### 12/4/2020", "3", False, False),  # a date, not a fraction
     ("no number", "5", False, False),
     ("", "5", False, False),
 ])

@@ -71,10 +71,16 @@ def _numbers(text: str) -> list[str]:
     return found
 
 
+_LEADING_FRACTION = re.compile(r"\$?\s*(-?\d{1,18})\s*/\s*(\d{1,18})(?![\d.,/])")
+
+
 def _first_number_on_line(text: str) -> str | None:
-    """First number on the first non-empty line of ``text``."""
+    """First number on the first non-empty line of ``text``; a leading ``a/b`` counts as its value."""
     stripped = text.lstrip()
     line = stripped.split("\n", 1)[0]
+    fraction = _LEADING_FRACTION.match(line)
+    if fraction:
+        return _fraction_value(fraction.group(1), fraction.group(2))
     numbers = _numbers(line)
     return numbers[0] if numbers else None
 
