@@ -74,11 +74,15 @@ class DuDeConfig(LoraConfig):
             raise ValueError(f"svd_niter must be None (exact SVD) or >= 0, got {self.svd_niter}.")
         if self.svd_oversample < 0:
             raise ValueError(f"svd_oversample must be >= 0 (extra sketch columns), got {self.svd_oversample}.")
-        if self.uses_svd_init and self.lora_alpha <= 0:
-            raise ValueError(
-                f"method={self.method!r} splits the singular values by sqrt(S / s) with s = lora_alpha / r, "
-                f"so lora_alpha must be > 0 (got {self.lora_alpha})."
-            )
+        if self.uses_svd_init:
+            alphas = {"lora_alpha": self.lora_alpha}
+            alphas.update({f"alpha_pattern[{key!r}]": value for key, value in (self.alpha_pattern or {}).items()})
+            for name, alpha in alphas.items():
+                if not alpha > 0:
+                    raise ValueError(
+                        f"method={self.method!r} splits the singular values by sqrt(S / s) with s = lora_alpha / r, "
+                        f"so {name} must be > 0 (got {alpha})."
+                    )
         if self.quant_iters < 0:
             raise ValueError(f"quant_iters must be >= 0, got {self.quant_iters}.")
         super().__post_init__()

@@ -209,6 +209,11 @@ def test_config_validation():
         DuDeConfig(svd_niter=2, svd_oversample=-3)
     with pytest.raises(ValueError, match="lora_alpha must be > 0"):
         DuDeConfig(method="dude", lora_alpha=0)
+    with pytest.raises(ValueError, match=r"alpha_pattern\['q_proj'\] must be > 0 \(got -8\)"):
+        DuDeConfig(method="dude", alpha_pattern={"q_proj": -8})
+    with pytest.raises(ValueError, match="must be > 0 \\(got nan\\)"):
+        DuDeConfig(method="pissa", alpha_pattern={"v_proj": float("nan")})
+    assert DuDeConfig(method="lora", alpha_pattern={"q_proj": -8}).alpha_pattern == {"q_proj": -8}  # no SVD: PEFT's rules
     with pytest.raises(ValueError, match="init_lora_weights"):
         DuDeConfig(init_lora_weights="pissa")
     with pytest.raises(ValueError, match="use_dora=True contradicts"):
