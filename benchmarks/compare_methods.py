@@ -52,6 +52,7 @@ from typing import Any, Optional
 
 from accuracy_stats import mean_interval
 
+from dude_trl.plot import moving_average
 from dude_trl.resume import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,11 +171,6 @@ def run_one(
 # --- summary ---------------------------------------------------------------------------------------
 
 
-def smoothed(values: list[float], window: int = SMOOTHING) -> list[float]:
-    """Trailing moving average (shorter at the start)."""
-    return [statistics.mean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
-
-
 def loss_at_fraction(run: dict[str, Any], fraction: float) -> float:
     """The logged loss at the step closest to `fraction` of the run."""
     target = fraction * run["loss_steps"][-1]
@@ -184,7 +180,7 @@ def loss_at_fraction(run: dict[str, Any], fraction: float) -> float:
 
 def steps_to_threshold(run: dict[str, Any], threshold: float) -> Optional[int]:
     """First logged step at which the smoothed loss is at or below `threshold` (None: never)."""
-    for step, loss in zip(run["loss_steps"], smoothed(run["losses"])):
+    for step, loss in zip(run["loss_steps"], moving_average(run["losses"], SMOOTHING)):
         if loss <= threshold:
             return step
     return None
@@ -192,7 +188,7 @@ def steps_to_threshold(run: dict[str, Any], threshold: float) -> Optional[int]:
 
 def default_threshold(runs: list[dict[str, Any]]) -> float:
     """The highest final smoothed loss of all runs: a loss every run reaches, some sooner than others."""
-    return max(smoothed(r["losses"])[-1] for r in runs if r["losses"])
+    return max(moving_average(r["losses"], SMOOTHING)[-1] for r in runs if r["losses"])
 
 
 def final_accuracy(run: dict[str, Any], reading: str) -> Optional[float]:
