@@ -63,6 +63,17 @@ class DuDeConfig(LoraConfig):
                 f"{self.init_lora_weights!r}); leave `init_lora_weights` at its default and pick "
                 f"method='pissa' or 'dude' for an SVD initialisation."
             )
+        if self.target_parameters:
+            # PEFT's ParamWrapper (what target_parameters injects) refuses DoRA's magnitude, PiSSA's
+            # SVD split is written for Linear weights, and DuDe's layer checks need a Linear/Conv1D
+            # base, so every method fails deep inside PEFT or dude_trl otherwise.
+            raise ValueError(
+                f"DuDeConfig does not support target_parameters (got {list(self.target_parameters)!r}, "
+                f"method={self.method!r}): none of its methods ({', '.join(METHODS)}) adapts a bare nn.Parameter "
+                "such as fused MoE expert weights; only PEFT's own LoRA does. Either adapt Linear layers with "
+                "target_modules=[...] and leave target_parameters unset, or train those parameters with a plain "
+                "peft.LoraConfig(target_parameters=[...]) (DuDeSFTTrainer then behaves as trl.SFTTrainer)."
+            )
         wants_magnitude = self.has_magnitude
         if self.use_dora and not wants_magnitude:
             raise ValueError(

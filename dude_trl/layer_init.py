@@ -24,6 +24,7 @@ from .bases.full import FullPrecisionBase, stored_weight
 from .config import DuDeConfig
 from .fingerprint import base_fingerprint, store_fingerprint
 from .layers import FINGERPRINT, dude_layers, held_buffer, register_init_factors
+from .pretrained import install_pretrained_view_
 from .svd import FittedFactors, fit_factors, layer_seed
 
 
@@ -85,6 +86,7 @@ def write_init_factors(
     residual = W0 - module.scaling[adapter_name] * (B_param.float() @ A_param.float()).to(W0.device)
     base.write_residual(module, residual)
     register_init_factors(module, adapter_name, A_param, B_param)
+    install_pretrained_view_(module)
 
 
 def reset_magnitude(module: LoraLayer, adapter_name: str) -> None:

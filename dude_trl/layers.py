@@ -12,7 +12,8 @@ the adapter because their names start with ``lora_``:
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -24,6 +25,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import DuDeConfig
 from .variant import DuDeLinearVariant, install_cache_invalidation
+
+logger = logging.getLogger(__name__)
 
 INIT_A = "lora_dude_init_A"
 INIT_B = "lora_dude_init_B"
@@ -90,12 +93,97 @@ def check_dude_layers(layers: list[tuple[str, LoraLayer]], adapter_name: str, co
             )
         if config.uses_svd_init and held_buffer(module, INIT_A, adapter_name) is not None:
             raise RuntimeError(f"Layer {name!r} already holds a DuDe initialisation for adapter {adapter_name!r}.")
+        check_second_adapter(name, module, adapter_name, config)
+
+
+def check_second_adapter(name: str, module: LoraLayer, adapter_name: str, config: DuDeConfig) -> None:
+    """Refuse an adapter that would share layer `name`'s base weight wrongly with another one.
+
+    A layer's base weight holds at most one residual ``W0 - s B0 A0``. Plain LoRA adapters compute
+    on the pretrained weight (`dude_trl.pretrained` gives it back to them), but a second SVD
+    adapter would decompose and overwrite the first one's residual, and a magnitude adapter takes
+    its norm from the base weight, so neither can share a layer with an SVD adapter.
+    """
+    owner = residual_owner(module)
+    if owner is not None and owner != adapter_name and (config.uses_svd_init or config.has_magnitude):
+        raise ValueError(
+            f"Layer {name!r} already holds the DuDe residual of adapter {owner!r}; a {config.method!r} adapter "
+            f"{adapter_name!r} on it would {'replace that residual' if config.uses_svd_init else 'take its norm from it'} "
+            f"and change adapter {owner!r}'s output. Add {adapter_name!r} with method='lora' (it computes on the "
+            f"pretrained weight), or load it onto its own copy of the base model."
+        )
+    if config.uses_svd_init:
+        magnitude_adapters = [a for a in module.lora_magnitude_vector if a != adapter_name]
+        if magnitude_adapters:
+            raise ValueError(
+                f"Layer {name!r} holds the magnitude adapter {magnitude_adapters[0]!r}, whose norm is taken from the "
+                f"base weight; a {config.method!r} adapter {adapter_name!r} would replace that weight by its residual. "
+                f"Load {adapter_name!r} onto its own copy of the base model."
+            )
+
+
+def untie_shared_weights_(model: nn.Module, layers: list[tuple[str, LoraLayer]], config: DuDeConfig) -> None:
+    """Give every SVD target whose base weight is shared with another module (tied input/output
+    embeddings: ``lm_head`` on SmolLM2, Qwen2.5-0.5B, Llama 3.2) its own copy, and say so.
+
+    The SVD methods write the residual ``W0 - s B0 A0`` into the target's base weight; written
+    into a shared tensor it would change the embeddings too. The config's ``tie_word_embeddings``
+    is set to False so that transformers neither re-ties nor drops the copy when saving. Under
+    ZeRO-3 a partitioned weight cannot be copied in place: refused with the fix.
+    """
+    if not config.uses_svd_init:
+        return
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for name, module in layers:
+        base = module.get_base_layer()
+        others = [n for n in names_of.get(id(base.weight), []) if not n.startswith(f"{name}.")]
+        if not others:
+            continue
+        if hasattr(base.weight, "ds_id"):
+            raise ValueError(
+                f"Target {name!r} shares its weight with {others[0]!r} (tied embeddings), and under ZeRO-3 DuDe cannot "
+                f"untie a partitioned weight. Leave it out of target_modules, or save the base once with "
+                f"tie_word_embeddings=False (both matrices written) and train from that copy."
+            )
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=base.weight.requires_grad)
+        for model_config in _model_configs(model):
+            model_config.tie_word_embeddings = False
+        logger.warning(
+            "Untied %s from %s (tie_word_embeddings=False now, %.1f MiB more): %s writes its residual into the "
+            "adapted weight, which must not change the other one.",
+            name, others[0], base.weight.numel() * base.weight.element_size() / 2**20, config.method,
+        )
+
+
+def _model_configs(model: nn.Module) -> list[Any]:
+    """The transformers configs of `model` that can say ``tie_word_embeddings`` (top and text)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [c for c in {id(config): config, id(text): text}.values() if getattr(c, "tie_word_embeddings", False)]
 
 
 def held_buffer(module: LoraLayer, attr: str, adapter_name: str) -> Optional[torch.Tensor]:
     """The DuDe buffer `attr` (`INIT_A`, `INIT_B`, `FINGERPRINT`) of `adapter_name`, or None."""
     buffers = getattr(module, attr, None)
     return buffers[adapter_name] if buffers is not None and adapter_name in buffers else None
+
+
+def residual_owner(module: LoraLayer) -> Optional[str]:
+    """The adapter whose residual ``W0 - s B0 A0`` the layer's base weight holds (the one adapter
+    with initial factors), or None when the base weight is the pretrained one."""
+    buffers = getattr(module, INIT_A, None)
+    return next(iter(buffers.keys()), None) if buffers is not None else None
+
+
+def principal_part(module: LoraLayer, owner: str) -> torch.Tensor:
+    """``s B0 A0`` of the layer's residual owner (``out x in``, float32): what its residual lacks
+    from the pretrained weight."""
+    A0, B0 = held_buffer(module, INIT_A, owner), held_buffer(module, INIT_B, owner)
+    return module.scaling[owner] * (B0.float() @ A0.float())
 
 
 def store_buffer(module: LoraLayer, attr: str, adapter_name: str, value: torch.Tensor) -> None:

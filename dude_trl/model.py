@@ -32,7 +32,7 @@ from .bases.full import load_base_model
 from .config import DuDeConfig
 from .distributed import svd_init_layers_
 from .layer_init import record_base_fingerprints_
-from .layers import check_dude_layers, dude_layers, inject_adapter, install_dude_variant_
+from .layers import check_dude_layers, dude_layers, inject_adapter, install_dude_variant_, untie_shared_weights_
 from .saving import load_dude_model
 from .variant import invalidate_norm_caches
 
@@ -64,6 +64,7 @@ def initialize_dude_(
         base.prepare(model)
         layers = dude_layers(model, adapter_name)
         check_dude_layers(layers, adapter_name, config)
+        untie_shared_weights_(model, layers, config)
         if config.uses_svd_init:
             svd_init_layers_(layers, adapter_name, config, base, progress=progress)
             base.log_summary()
@@ -102,6 +103,9 @@ def get_dude_model(
         is_trainable: for a saved adapter only: keep it trainable (frozen by default, as in PEFT).
         **model_kwargs: passed to `from_pretrained` when a path is given (e.g. ``dtype``,
             ``device_map``, ``revision``).
+
+    The result is in the train/eval mode the base model was in (eval for a path, as
+    `from_pretrained` loads), every module alike; `Trainer` switches it to train mode itself.
     """
     if isinstance(config, (str, os.PathLike)):
         return load_dude_model(
@@ -110,14 +114,16 @@ def get_dude_model(
         )
     if not isinstance(config, DuDeConfig):
         raise TypeError(f"get_dude_model needs a DuDeConfig, got {type(config).__name__}; wrap your LoraConfig fields.")
+    training = isinstance(model_or_path, nn.Module) and model_or_path.training
     quantized_object = not isinstance(model_or_path, str) and is_quantized_model(model_or_path)
     if quantization_config is None and not quantized_object:
         model = load_base_model(model_or_path, **model_kwargs)
-        return initialize_dude_(inject_adapter(model, config, adapter_name), adapter_name, progress=progress)
+        peft_model = initialize_dude_(inject_adapter(model, config, adapter_name), adapter_name, progress=progress)
+        return peft_model.train(training)
     model, checkpoint, checkpoint_kwargs, tmp = load_quantized_base(model_or_path, quantization_config, model_kwargs)
     try:
         peft_model = inject_adapter(model, config, adapter_name)
-        return initialize_dude_(peft_model, adapter_name, progress, checkpoint, checkpoint_kwargs)
+        return initialize_dude_(peft_model, adapter_name, progress, checkpoint, checkpoint_kwargs).train(training)
     finally:
         if tmp is not None:
             tmp.cleanup()

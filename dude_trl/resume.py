@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from typing import Any, Optional, Union
 
 from peft import PeftModel
@@ -37,6 +38,10 @@ _STRUCTURAL_FIELDS = ("method", "r", "lora_alpha", "use_rslora", "rank_pattern",
 # Fields that only say how the initial factors were drawn; a resumed run takes the checkpoint's.
 _INIT_FIELDS = ("svd_niter", "svd_oversample", "svd_seed", "quant_iters")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+# Files `torch.save` writes in a checkpoint (optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin,
+# DeepSpeed's global_step*/..._states.pt): zip archives, whose central directory is written last.
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def checkpoint_problem(checkpoint_dir: Union[str, os.PathLike]) -> Optional[str]:
@@ -44,6 +49,9 @@ def checkpoint_problem(checkpoint_dir: Union[str, os.PathLike]) -> Optional[str]
 
     Trainer writes ``trainer_state.json`` last, after the model, optimizer, scheduler and RNG
     states, so a run killed while saving leaves a checkpoint without it (or with a truncated one).
+    A file cut short anyway (a full disk, an interrupted copy) is found too: every ``.safetensors``
+    file by its header, every `torch.save` file (``optimizer.pt``, ``scheduler.pt``, ...) by its
+    zip directory (`torch_file_problem`); the answer names the file.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
@@ -56,11 +64,52 @@ def checkpoint_problem(checkpoint_dir: Union[str, os.PathLike]) -> Optional[str]
             json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{TRAINER_STATE_NAME} is truncated"
-    safe_path = os.path.join(checkpoint_dir, SAFE_WEIGHTS_NAME)
-    if os.path.isfile(safe_path):
-        problem = safetensors_problem(safe_path)
-        if problem is not None:
-            return f"{SAFE_WEIGHTS_NAME} is damaged ({problem})"
+    for path in _checkpoint_files(checkpoint_dir):
+        name = os.path.relpath(path, checkpoint_dir)
+        if path.endswith(".safetensors"):
+            problem = safetensors_problem(path)
+            if problem is not None:
+                return f"{name} is damaged ({problem})"
+        elif path.endswith(_TORCH_SUFFIXES):
+            problem = torch_file_problem(path)
+            if problem is not None:
+                return f"{name} is damaged ({problem})"
+    return None
+
+
+def _checkpoint_files(checkpoint_dir: str) -> list[str]:
+    """Every file under `checkpoint_dir` (sub-directories too: other adapters, DeepSpeed states),
+    the adapter weights first."""
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(checkpoint_dir) for name in names)
+    return sorted(paths, key=lambda path: os.path.basename(path) != SAFE_WEIGHTS_NAME)
+
+
+def torch_file_problem(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Why the `torch.save` file `path` is unreadable (empty, or a zip archive cut short), or None.
+
+    Opening it with `zipfile` reads only the end of the file, where the archive's central
+    directory lies (written last, so a save that did not finish has none), and that directory:
+    cheap for a multi-GB optimizer state. A file in torch's legacy (non-zip) format is not checked.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size and f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+                return None
+        if size == 0:
+            return "0 bytes: torch.load would fail on it"
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, EOFError, ValueError) as err:
+        return (
+            f"{size} bytes and no zip central directory, which torch.save writes last: cut short, torch.load "
+            f"would fail on it ({err})"
+        )
+    except OSError as err:
+        return f"unreadable ({err})"
+    data_end = max((entry.header_offset + entry.compress_size for entry in entries), default=0)
+    if data_end > size:
+        return f"{size} bytes where its zip directory describes at least {data_end}: cut short"
     return None
 
 

@@ -44,7 +44,9 @@ from .layers import (
     inject_adapter,
     install_dude_variant_,
     register_init_factors,
+    untie_shared_weights_,
 )
+from .pretrained import install_pretrained_view_
 from .variant import invalidate_norm_caches
 
 logger = logging.getLogger(__name__)
@@ -107,18 +109,35 @@ def read_adapter_weights(adapter_dir: Union[str, os.PathLike]) -> dict[str, torc
     hint = "Re-save the adapter, or load an earlier checkpoint (Trainer keeps the previous ones)."
     if os.path.isfile(safe_path):
         problem = safetensors_problem(safe_path)
+        weights = None
         if problem is None:
             try:
-                return load_file(safe_path, device="cpu")
+                weights = load_file(safe_path, device="cpu")
             except Exception as err:  # safetensors raises its own error type for damaged files
                 problem = str(err)
+        if weights is not None:
+            return check_finite(weights, safe_path)
         raise ValueError(f"{safe_path} is corrupt or truncated ({problem}), e.g. by a run killed while saving. {hint}")
     if os.path.isfile(bin_path):
         try:
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
+            weights = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several error types for a damaged pickle/zip
             raise ValueError(f"{bin_path} is corrupt or truncated ({err}). {hint}") from err
+        return check_finite(weights, bin_path)
     raise ValueError(f"No adapter weights ({SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME}) in {adapter_dir!r}.")
+
+
+def check_finite(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """`weights`, unless one of them holds NaN/inf: then a `ValueError` naming the tensors
+    (a diverged run, or a file whose bytes were overwritten) instead of a model that outputs NaN."""
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(
+            f"{path} holds NaN or infinite values in {len(bad)} of {len(weights)} tensors (e.g. {', '.join(bad[:3])}): "
+            f"the training run diverged or the file was damaged. Load an earlier checkpoint, or lower the learning "
+            f"rate and train again."
+        )
+    return weights
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,12 +199,46 @@ def rebuild_residual_(
                 check_fingerprint(layer_name, fingerprint, own, base_hint)
             if rewrite:
                 A0, B0 = init_A.to(W0.device), init_B.to(W0.device)
+                check_init_scaling(module, adapter_name, W0, A0, B0, layer_name)
                 base.write_residual(module, W0 - module.scaling[adapter_name] * (B0.float() @ A0.float()))
                 register_init_factors(module, adapter_name, A0, B0)
+                install_pretrained_view_(module)
     elif fingerprint is not None:
         check_fingerprint(layer_name, fingerprint, own, base_hint)
     if fingerprint is not None or own is not None:
         store_fingerprint(module, adapter_name, fingerprint if fingerprint is not None else own)
+
+
+#: How far the config's scaling may be from the one the initial factors imply (randomized SVD and
+#: QDuDe's refit move the implied value by well under 1%; an edited alpha or rsLoRA by 2x and more).
+SCALING_RTOL = 0.05
+
+
+def check_init_scaling(
+    module: LoraLayer, adapter_name: str, W0: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, layer_name: str
+) -> None:
+    """Raise a `ValueError` when the layer's scaling ``s`` (from ``lora_alpha``, ``r``, ``use_rslora``,
+    ``alpha_pattern`` of the adapter config) is not the one its initial factors were made with.
+
+    At initialisation ``s B0 A0`` is the projection of ``W0`` onto its top-r singular subspace, so
+    ``<W0, s B0 A0> = ||s B0 A0||^2``: the scaling the factors imply is
+    ``<W0, B0 A0> / ||B0 A0||^2``. An edited config would otherwise rebuild another residual and
+    load silently with other outputs.
+    """
+    BA = B0.float() @ A0.float()
+    norm_sq = float((BA * BA).sum())
+    if norm_sq == 0.0:
+        return
+    implied = float((W0.float() * BA).sum()) / norm_sq
+    scaling = float(module.scaling[adapter_name])
+    if abs(scaling - implied) > SCALING_RTOL * abs(implied):
+        r, alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
+        raise ValueError(
+            f"The adapter config gives {layer_name or 'a layer'} the scaling {scaling:.4g} (lora_alpha={alpha}, r={r}, "
+            f"use_rslora={module.use_rslora[adapter_name]}), but its initial factors were made for {implied:.4g}: the "
+            f"residual W0 - s*B0@A0 would be rebuilt wrong. adapter_config.json was edited after training; restore "
+            f"the lora_alpha, r, use_rslora and alpha_pattern it was saved with."
+        )
 
 
 def _shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -210,7 +263,9 @@ def _expected_shapes(model: PeftModel, adapter_name: str) -> dict[str, tuple[int
     return expected
 
 
-def check_adapter_fits(model: PeftModel, weights: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+def check_adapter_fits(
+    model: PeftModel, weights: dict[str, torch.Tensor], adapter_name: str, source: str, base_hint: str = ""
+) -> None:
     """Raise a `ValueError` naming the problem unless `weights` hold exactly the adapter tensors the
     layers of `model` expect, with their shapes (initial factors included for the SVD methods)."""
     config = model.peft_config[adapter_name]
@@ -244,7 +299,6 @@ def check_adapter_fits(model: PeftModel, weights: dict[str, torch.Tensor], adapt
             f"{len(unexpected)} tensors belong to no adapted layer of this base ({', '.join(unexpected[:3])})"
         )
     if problems:
-        base_hint = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
         raise ValueError(
             f"The adapter in {source} does not fit this {type(model.get_base_model()).__name__}: "
             f"{'; '.join(problems)}. It was trained on a different base model or with another r/target_modules; "
@@ -262,18 +316,22 @@ def restore_dude_adapter_(
     *,
     source: str = "the adapter",
     progress: bool = True,
+    trained_on: Optional[str] = None,
 ) -> PeftModel:
     """Load saved DuDe adapter tensors into freshly injected layers on the *original* base, in place.
 
     Checks the tensors fit (`check_adapter_fits`), rebuilds each layer's base from the saved
     initial factors after checking it against the saved fingerprint (`rebuild_residual_`, through
     the backend `base`), then loads A, B, the magnitude and the rest through PEFT and installs the
-    DuDe forward.
+    DuDe forward. `trained_on` is the base the adapter names (its saved ``base_model_name_or_path``,
+    which `get_peft_model` overwrites with the base just passed), for error messages.
     """
     config = model.peft_config[adapter_name]
-    check_adapter_fits(model, weights, adapter_name, source)
-    base_hint = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
+    trained_on = trained_on or config.base_model_name_or_path
+    base_hint = f" ({trained_on})" if trained_on else ""
+    check_adapter_fits(model, weights, adapter_name, source, base_hint)
     layers = dude_layers(model, adapter_name)
+    untie_shared_weights_(model, layers, config)
     unverified = 0
     for name, module in tqdm(layers, desc="DuDe load", disable=not progress or not layers, leave=False):
         fingerprint = weights.get(f"{name}.{FINGERPRINT}")
@@ -345,12 +403,15 @@ def load_dude_model(
         )
     else:
         model, checkpoint, checkpoint_kwargs = load_base_model(model_or_path, **model_kwargs), None, None
+    trained_on = config.base_model_name_or_path
     try:
         peft_model = inject_adapter(model, config, adapter_name)
         with base_for(peft_model, checkpoint, checkpoint_kwargs) as base:
             _check_base_quantization(config, base.quantization_record, source)
             base.prepare(peft_model)
-            return restore_dude_adapter_(peft_model, weights, base, adapter_name, source=source, progress=progress)
+            return restore_dude_adapter_(
+                peft_model, weights, base, adapter_name, source=source, progress=progress, trained_on=trained_on
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -12,6 +12,7 @@ The trainer's own settings (gradient-norm logging, the in-loop evaluation task) 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Union
 
 import datasets
@@ -21,10 +22,14 @@ from .bases.bnb import validate_quantization_config
 from .callbacks import EvalCallback, GradNormCallback
 from .config import DuDeConfig
 from .data import check_disjoint
+from .dataset_checks import check_sft_dataset
 from .eval import TASKS
 from .model import initialize_dude_
 from .resume import prepare_dude_resume
 from .sft_config import DuDeSFTConfig
+
+# SFTTrainer's parameters in order, to read the arguments given positionally (`self` left out).
+_SFT_PARAMETERS = tuple(inspect.signature(SFTTrainer.__init__).parameters)[1:]
 
 
 class DuDeSFTTrainer(SFTTrainer):
@@ -39,6 +44,10 @@ class DuDeSFTTrainer(SFTTrainer):
         *args, **kwargs: exactly `trl.SFTTrainer`'s. With ``args=DuDeSFTConfig(eval_task=...)``
             an `EvalCallback` for that task is added, after checking that none of its questions
             is in ``train_dataset`` (a ValueError names the overlap).
+
+    Before anything loads, ``train_dataset`` and ``eval_dataset`` (each one of a dict) are checked
+    (`dude_trl.dataset_checks.check_sft_dataset`): an empty dataset, one without a column SFTTrainer reads,
+    or one with a None text / turn content raises a ValueError naming the dataset, the row and the fix.
     """
 
     def __init__(
@@ -49,6 +58,7 @@ class DuDeSFTTrainer(SFTTrainer):
             # Refuse GPTQ/AWQ/... before TRL loads anything.
             kwargs["quantization_config"] = validate_quantization_config(kwargs["quantization_config"])
         given_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        self._check_datasets({**dict(zip(_SFT_PARAMETERS, args)), **kwargs})
         # Built before the model loads, so an evaluation set that overlaps the training data fails fast.
         eval_callback = self._eval_task_callback(given_args, kwargs.get("train_dataset"))
         super().__init__(*args, peft_config=peft_config, **kwargs)
@@ -71,6 +81,25 @@ class DuDeSFTTrainer(SFTTrainer):
         if eval_callback is not None:
             eval_callback.set_trainer(self)
             self.add_callback(eval_callback)
+
+    @staticmethod
+    def _check_datasets(given: dict[str, Any]) -> None:
+        """`check_sft_dataset` on the train and eval datasets of SFTTrainer's arguments `given`; any
+        other type (None, a DatasetDict as train_dataset) is left to SFTTrainer's own errors."""
+        args = given.get("args")
+        text_field = getattr(args, "dataset_text_field", "text")
+        # A formatting_func reads columns of its own; skip_prepare_dataset hands rows to the collator as they are.
+        dataset_kwargs = getattr(args, "dataset_kwargs", None) or {}
+        check_columns = given.get("formatting_func") is None and not dataset_kwargs.get("skip_prepare_dataset", False)
+        eval_dataset = given.get("eval_dataset")
+        named = [("train_dataset", given.get("train_dataset"))]
+        if isinstance(eval_dataset, dict):  # a DatasetDict too: one evaluation per key, as SFTTrainer runs them
+            named += [(f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items()]
+        else:
+            named.append(("eval_dataset", eval_dataset))
+        for name, dataset in named:
+            if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+                check_sft_dataset(dataset, name, text_field, check_columns=check_columns)
 
     @staticmethod
     def _eval_task_callback(args: Any, train_dataset: Any) -> Optional[EvalCallback]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from dude_trl import DuDeConfig, get_dude_model
-from dude_trl.export import export_dora_adapter, merge_to_base
+from dude_trl.export import export_dora_adapter, export_merged_model, merge_to_base
+from dude_trl.export import __main__ as export_cli
 from dude_trl.export.__main__ import main
 
 METHODS = ["dude", "dude_a", "dude_b", "pissa", "dora", "lora"]
@@ -189,10 +192,192 @@ def test_cli_exports_merged_model_and_dora_adapter(tmp_path, tiny_model_dir):
         assert json.load(f)["base_model_name_or_path"] == tiny_model_dir
 
 
-def test_cli_refuses_wrong_base(tmp_path):
-    model = trained(make_qwen2(), dude_config("dude"))
-    model.save_pretrained(tmp_path / "adapter")
+# ------------------------------------------------------------------- the CLI never silently wrong
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory, tiny_model_dir):
+    """A trained DuDe adapter of `tiny_model_dir`, saved as save_pretrained writes it."""
+    path = tmp_path_factory.mktemp("cli") / "adapter"
+    trained(make_qwen2(), dude_config("dude")).save_pretrained(path)
+    return str(path)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: equal snapshots mean nothing was changed."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+def refused(argv, capsys) -> str:
+    """Run the CLI on `argv`, assert it exits with status 2 and no traceback; its stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err
+
+
+def export_args(adapter, base, out, to="merged", *extra):
+    return ["--adapter", adapter, "--base", base, "--to", to, "--out", out, *extra]
+
+
+def leftovers(parent) -> list[str]:
+    """Temporary folders the CLI left next to its destination."""
+    return [name for name in os.listdir(parent) if ".tmp-" in name or ".old-" in name]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("adapter", "is the --adapter directory"),
+    ("adapter/merged", "lies inside the --adapter directory"),
+    ("adapter/../adapter/sub/dir", "lies inside the --adapter directory"),
+    ("parent", "contains the --adapter directory"),
+])
+def test_cli_refuses_an_out_that_is_or_holds_the_adapter(saved_adapter, tiny_model_dir, capsys, where, message):
+    before = snapshot(os.path.dirname(saved_adapter))
+    out = os.path.join(os.path.dirname(saved_adapter), where) if where != "parent" else os.path.dirname(saved_adapter)
+    err = refused(export_args(saved_adapter, tiny_model_dir, out, "merged", "--overwrite"), capsys)
+    assert message in err
+    assert snapshot(os.path.dirname(saved_adapter)) == before  # nothing written, nothing removed
+
+
+def test_cli_refuses_an_out_inside_a_local_base(saved_adapter, tiny_model_dir, capsys):
+    before = snapshot(tiny_model_dir)
+    err = refused(export_args(saved_adapter, tiny_model_dir, os.path.join(tiny_model_dir, "merged")), capsys)
+    assert "lies inside the --base directory" in err
+    assert snapshot(tiny_model_dir) == before
+
+
+@pytest.mark.parametrize("to", ["merged", "dora"])
+def test_cli_refuses_an_existing_file_as_out(saved_adapter, tiny_model_dir, tmp_path, capsys, to):
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"keep me")
+    err = refused(export_args(saved_adapter, tiny_model_dir, out, to), capsys)
+    assert "exists and is not a directory" in err
+    assert out.read_bytes() == b"keep me" and leftovers(tmp_path) == []
+
+
+def test_library_export_refuses_an_existing_file(tmp_path):
+    (tmp_path / "file").write_bytes(b"keep me")
+    for export in (export_dora_adapter, export_merged_model):
+        with pytest.raises(NotADirectoryError, match="not a directory"):
+            export(trained(make_qwen2(), dude_config("dude")), tmp_path / "file")
+    assert (tmp_path / "file").read_bytes() == b"keep me"
+
+
+def test_cli_replaces_a_non_empty_out_only_with_overwrite(saved_adapter, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "dora"
+    out.mkdir()
+    (out / "old.txt").write_text("previous export")
+    err = refused(export_args(saved_adapter, tiny_model_dir, out, "dora"), capsys)
+    assert "non-empty directory" in err and "--overwrite" in err
+    assert snapshot(out) == {"old.txt": b"previous export"}
+
+    main(export_args(saved_adapter, tiny_model_dir, str(out), "dora", "--overwrite"))
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert leftovers(tmp_path) == []
+    (tmp_path / "empty").mkdir()  # an empty folder is no loss: no --overwrite needed
+    main(export_args(saved_adapter, tiny_model_dir, str(tmp_path / "empty"), "dora"))
+    assert os.path.isfile(tmp_path / "empty" / "adapter_config.json")
+
+
+def damaged_copy(saved_adapter, tmp_path, damage) -> str:
+    adapter = str(tmp_path / "adapter")
+    shutil.copytree(saved_adapter, adapter)
+    damage(adapter)
+    return adapter
+
+
+def truncate_weights(adapter):
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def break_config_json(adapter):
+    with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+        f.write('{"r": 4, "lora_al')
+
+
+def remove_config(adapter):
+    os.remove(os.path.join(adapter, "adapter_config.json"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncate_weights, "corrupt or truncated"),
+    (break_config_json, "is not valid JSON"),
+    (remove_config, "No adapter_config.json"),
+])
+def test_cli_names_a_damaged_adapter(saved_adapter, tiny_model_dir, tmp_path, capsys, damage, message):
+    adapter = damaged_copy(saved_adapter, tmp_path, damage)
+    before = snapshot(adapter)
+    err = refused(export_args(adapter, tiny_model_dir, tmp_path / "out"), capsys)
+    assert message in err
+    assert snapshot(adapter) == before and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_cli_refuses_wrong_base(saved_adapter, tmp_path, capsys):
     make_qwen2(seed=1).save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="not the one this adapter was trained on"):
-        main(["--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "other"), "--to", "merged", "--out",
-              str(tmp_path / "merged")])
+    before = snapshot(saved_adapter)
+    err = refused(export_args(saved_adapter, tmp_path / "other", tmp_path / "merged"), capsys)
+    assert "not the one this adapter was trained on" in err
+    assert snapshot(saved_adapter) == before and not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda a, b, t: export_args(t / "missing", b, t / "out"), "--adapter '.*missing' does not exist"),
+    (lambda a, b, t: export_args(os.path.join(a, "adapter_config.json"), b, t / "out"), "is not a directory"),
+    (lambda a, b, t: export_args(a, t / "no-base", t / "out"), "--base '.*no-base' is not a model directory"),
+    (lambda a, b, t: export_args(a, "no-such-org/no-such-model", t / "out"),
+     "cannot load the base model 'no-such-org/no-such-model'"),
+    (lambda a, b, t: export_args(a, b, t / "out", "dora", "--dtype", "bfloat16"), "--dtype applies to --to merged"),
+])
+def test_cli_names_user_errors(saved_adapter, tiny_model_dir, tmp_path, capsys, args, message):
+    before = snapshot(saved_adapter)
+    err = refused(args(saved_adapter, tiny_model_dir, tmp_path), capsys)
+    assert re.search(message, err), err
+    assert snapshot(saved_adapter) == before and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_cli_failure_midway_leaves_nothing(saved_adapter, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def write_then_fail(error):
+        def export(model, folder, *args, **kwargs):
+            with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+                f.write(b"half")
+            raise error
+        return export
+
+    out = tmp_path / "merged"
+    monkeypatch.setattr(export_cli, "export_merged_model", write_then_fail(OSError(28, "No space left on device")))
+    err = refused(export_args(saved_adapter, tiny_model_dir, out), capsys)
+    assert "No space left on device" in err and "nothing was written" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    # A bug (an unexpected exception) still raises, and still leaves nothing behind; an existing
+    # export being replaced (--overwrite) is kept as it was.
+    out.mkdir()
+    (out / "old.txt").write_text("previous export")
+    monkeypatch.setattr(export_cli, "export_merged_model", write_then_fail(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        main(export_args(saved_adapter, tiny_model_dir, str(out), "merged", "--overwrite"))
+    assert snapshot(out) == {"old.txt": b"previous export"} and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["missing adapter", "wrong base"])
+def test_cli_process_exits_2_without_traceback(saved_adapter, tmp_path, case):
+    base = str(tmp_path / "other")
+    make_qwen2(seed=1).save_pretrained(base)
+    adapter = saved_adapter if case == "wrong base" else str(tmp_path / "missing")
+    out = subprocess.run(
+        [sys.executable, "-m", "dude_trl.export", *export_args(adapter, base, str(tmp_path / "out"))],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "error: " in out.stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -229,3 +229,50 @@ def test_plain_peft_adapter_is_not_taken_for_dude(saved_dude, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(values))
     with pytest.raises(ValueError, match="not a DuDe adapter"):
         read_dude_config(tmp_path)
+
+
+def _copy_adapter(adapter_dir: str, dst) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(os.path.join(adapter_dir, name), "rb") as src, open(dst / name, "wb") as out:
+            out.write(src.read())
+
+
+@pytest.mark.parametrize("edit", [{"lora_alpha": 16}, {"use_rslora": True}, {"alpha_pattern": {"v_proj": 2}}])
+def test_an_edited_scaling_in_the_config_is_refused(saved_dude, tmp_path, edit):
+    """The scaling enters the rebuilt residual W0 - s*B0@A0: an edited config would load silently wrong."""
+    _copy_adapter(saved_dude[0], tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    with pytest.raises(ValueError, match="initial factors were made for 2: .*restore the lora_alpha"):
+        load_dude_model(make_qwen2(), tmp_path, progress=False)
+
+
+def test_the_implied_scaling_holds_for_every_svd_method_and_rslora(tmp_path):
+    for method in ("dude_a", "dude_b", "pissa"):
+        model = trained_dude_model(method, use_rslora=True, lora_alpha=6)
+        model.save_pretrained(tmp_path / method)
+        torch.testing.assert_close(
+            logits(load_dude_model(make_qwen2(), tmp_path / method, progress=False)), logits(model), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_tensors_are_refused(saved_dude, tmp_path, value):
+    _copy_adapter(saved_dude[0], tmp_path)
+    weights_path = tmp_path / "adapter_model.safetensors"
+    weights = load_file(weights_path)
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key][0, 0] = value
+    save_file(weights, weights_path)
+    with pytest.raises(ValueError, match=f"NaN or infinite values in 1 of {len(weights)} tensors.*{key}"):
+        load_dude_model(make_qwen2(), tmp_path, progress=False)
+
+
+def test_the_wrong_base_error_names_the_base_trained_on(tmp_path):
+    trained_on, other = tmp_path / "base-a", tmp_path / "base-b"
+    make_qwen2(seed=0).save_pretrained(trained_on)
+    make_qwen2(seed=1).save_pretrained(other)
+    get_dude_model(str(trained_on), dude_config(), progress=False).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="not the one this adapter was trained on") as caught:
+        load_dude_model(str(other), tmp_path / "adapter", progress=False)
+    assert f"({trained_on})" in str(caught.value) and str(other) not in str(caught.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -309,3 +310,107 @@ def test_cli_summary_for_several_models(capsys):
     assert main(["qwen1.5-7b", "mistral-7b-v0.1", "--num-gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert "qwen1.5-7b" in out and "mistral-7b-v0.1" in out and "GiB/GPU" in out
+
+
+# ------------------------------------------------------------------- the CLI never silently wrong
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--gpu-memory-gb", "0", "must be a finite number > 0"),
+    ("--gpu-memory-gb", "-80", "must be a finite number > 0"),
+    ("--gpu-memory-gb", "nan", "must be a finite number > 0, got 'nan'"),
+    ("--gpu-memory-gb", "inf", "must be a finite number > 0, got 'inf'"),
+    ("--gpu-memory-gb", "-inf", "must be a finite number > 0"),
+    ("--gpu-memory-gb", "lots", "expected a finite number > 0, got 'lots'"),
+    ("--gpus-per-node", "0", "must be an integer >= 1, got 0"),
+    ("--gpus-per-node", "-8", "must be an integer >= 1, got -8"),
+    ("--num-gpus", "0", "must be an integer >= 1, got 0"),
+    ("--r", "0", "must be an integer >= 1, got 0"),
+    ("--seq-len", "0", "must be an integer >= 1, got 0"),
+    ("--micro-batch", "-1", "must be an integer >= 1, got -1"),
+    ("--micro-batch", "1.5", "expected an integer >= 1, got '1.5'"),
+])
+def test_cli_refuses_out_of_range_numbers(capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["qwen2.5-32b", f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {expected}" in err and "Traceback" not in err
+
+
+def _write(text):
+    return lambda path: path.write_text(text)
+
+
+def _llama_json(**overrides):
+    values = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, **overrides}
+    return json.dumps({k: v for k, v in values.items() if v is not None})
+
+
+@pytest.mark.parametrize("make, message", [
+    (None, r"config\.json: no such file or directory"),
+    (_write('{"model_type": "llama", "hidden'), r"cannot read .*config\.json as a model config: Unterminated"),
+    (_write("\xff\xfe not text"), r"cannot read .*config\.json as a model config"),
+    (_write("[1, 2]"), r"holds a JSON list, not an object of model settings"),
+    (_write('{"hidden_size": 64}'), r"has no 'model_type'"),
+    (_write('{"model_type": "no-such-architecture"}'), r"model_type 'no-such-architecture' is not one this"),
+    (_write(_llama_json(hidden_size=None, num_attention_heads=None)),
+     r"has no hidden_size, num_attention_heads: the plan would use the LlamaConfig defaults"),
+    (_write(_llama_json(num_hidden_layers=0)), r"num_hidden_layers must be a positive integer, got 0"),
+    (_write(_llama_json(hidden_size="wide")), r"hidden_size.*expected int, got str|hidden_size must be a positive"),
+    (_write(_llama_json(num_attention_heads=5)), r"not a multiple of the number of attention heads"),
+])
+def test_cli_refuses_unreadable_or_incomplete_config(tmp_path, capsys, make, message):
+    path = tmp_path / "config.json"
+    if make is not None:
+        make(path)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_cli_accepts_a_config_naming_fields_by_alias(tmp_path, capsys):
+    """GPT-2 stores hidden_size as n_embd (its attribute_map): present, not missing."""
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "vocab_size": 300, "n_embd": 64, "n_layer": 2, "n_head": 4}))
+    assert main([str(tmp_path), "--target-modules", "all-linear"]) == 0
+    assert "FITS" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_directory_without_config(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "is a directory without config.json" in capsys.readouterr().err
+
+
+def test_cli_process_reports_a_broken_config_without_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("not json")
+    out = subprocess.run([sys.executable, "-m", "dude_trl.plan", str(tmp_path / "config.json")], cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: cannot read" in out.stderr
+
+
+def test_cli_check_exit_status_follows_the_verdict(tiny_dirs, capsys):
+    model_dir = str(tiny_dirs["qwen2"][0])
+    assert main([model_dir, "--check"]) == 0
+    assert "FITS in 80 GiB" in capsys.readouterr().out
+    assert main([model_dir, "--gpu-memory-gb", "0.01", "--check"]) == 1
+    assert "DOES NOT FIT in 0.01 GiB" in capsys.readouterr().out
+    assert main([model_dir, "--gpu-memory-gb", "0.01"]) == 0  # without --check: today's behaviour
+    assert main([model_dir, "--gpu-memory-gb", "0.01", "--check", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"] is False
+    # Several models: 1 when any of them does not fit (about 2.006 and 2.018 GiB per GPU).
+    bigger = str(tiny_dirs["llama"][0])
+    assert main([model_dir, "--gpu-memory-gb", "2.01", "--check"]) == 0
+    assert main([model_dir, bigger, "--gpu-memory-gb", "2.01", "--check"]) == 1
+    assert "NO" in capsys.readouterr().out
+
+
+def test_cli_help_documents_check(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--check" in help_text and "exit with status 1 when a plan does not fit" in help_text

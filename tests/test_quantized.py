@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AwqConfig, BitsAndBytesConfig, GPTQConfig
 from trl import SFTConfig
 
-from conftest import make_llama, make_qwen2, make_tokenizer
+from conftest import make_llama, make_qwen2, make_tokenizer, perturb_trainable_
 from dude_trl import DuDeConfig, DuDeSFTTrainer
 from dude_trl.bases.bnb import check_quantized_model, merge_and_dequantize, validate_quantization_config
 from dude_trl.bases.bnb_storage import QuantSpec, dequantized_weight, is_bnb_layer
@@ -483,3 +483,40 @@ def test_trainer_loads_quantized_and_trains_with_gradient_checkpointing(model_di
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+# --------------------------------------------------------------------------------------------
+# The pretrained model behind the adapter
+# --------------------------------------------------------------------------------------------
+
+
+def _plain_quantized(model_dir: str, quant: str) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=QUANT[quant](), dtype=FP32)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_disable_adapter_on_a_quantized_base_gives_residual_plus_principal_part(model_dir, float_model, quant):
+    """With the adapter disabled, a QDuDe layer computes deq(q(W_res)) x + s B0 A0 x: the model
+    QDuDe's initialisation built, closer to the full-precision W0 than plain deq(q(W0))."""
+    model = _qdude(model_dir, quant=quant)
+    at_init = _reference_model(float_model, model)
+    perturb_trainable_(model)
+    train_mode = quant == "int8"
+    with model.disable_adapter():
+        disabled = _logits(model, IDS, train_mode)
+    torch.testing.assert_close(disabled, _logits(at_init, IDS, train_mode), atol=ATOL, rtol=0)
+    pretrained = _logits(float_model, IDS, train_mode)
+    plain = _logits(_plain_quantized(model_dir, quant), IDS, train_mode)
+    assert (disabled - pretrained).abs().max() < (plain - pretrained).abs().max()
+
+
+def test_unload_on_a_quantized_base_requantizes_the_pretrained_weight(model_dir, float_model):
+    model = perturb_trainable_(_qdude(model_dir))
+    unloaded = model.unload()
+    pretrained, plain = float_model, _plain_quantized(model_dir, "nf4")
+    for name, module in unloaded.named_modules():
+        if is_bnb_layer(module) and name.rsplit(".", 1)[-1] in TARGETS:
+            W0 = pretrained.get_submodule(name).weight
+            error = (dequantized_weight(module) - W0).norm()
+            plain_error = (dequantized_weight(plain.get_submodule(name)) - W0).norm()
+            assert error < 1.5 * plain_error, name

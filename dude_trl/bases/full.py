@@ -21,7 +21,7 @@ from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..layers import INIT_A, INIT_B, held_buffer
+from ..layers import INIT_A, held_buffer, principal_part
 
 
 def load_base_model(
@@ -72,9 +72,8 @@ class FullPrecisionBase:
         weight, plus the layer's own ``s B0 A0`` when it holds a DuDe residual (exact up to one
         rounding of the base dtype); None where a backend cannot recover it."""
         weight = stored_weight(module)
-        A0, B0 = held_buffer(module, INIT_A, adapter_name), held_buffer(module, INIT_B, adapter_name)
-        if A0 is not None:
-            weight = weight + module.scaling[adapter_name] * (B0.float() @ A0.float()).to(weight.device)
+        if held_buffer(module, INIT_A, adapter_name) is not None:
+            weight = weight + principal_part(module, adapter_name).to(weight.device)
         return weight
 
     def weight_to_decompose(self, module: LoraLayer, adapter_name: str) -> Optional[torch.Tensor]:

@@ -1,17 +1,28 @@
 """``python -m dude_trl.export``: export a saved DuDe adapter for the original base.
 
-    python -m dude_trl.export --adapter DIR --base MODEL --to merged|dora --out DIR
+    python -m dude_trl.export --adapter DIR --base MODEL --to merged|dora --out DIR [--overwrite]
 
 ``--to dora`` writes the vanilla PEFT adapter (DoRA, or LoRA for pissa/lora) that computes on
 the unmodified base what the DuDe model computes; ``--to merged`` writes the merged transformers
 model (for servers without DoRA support, e.g. vLLM) and the base's tokenizer.
+
+The command never changes its inputs and never reports a success it did not have: ``--out`` may
+not be, contain or lie inside the adapter (or a local base) directory, nor be an existing file; an
+existing non-empty ``--out`` directory is replaced only with ``--overwrite``. Everything is
+written to a temporary folder next to ``--out`` (``.NAME.tmp-XXXX``) and renamed into place at
+the end, so a failure midway leaves ``--out`` as it was. A user error (a missing or damaged
+adapter, a missing or wrong base, a bad flag) prints ``error: ...`` and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Optional, Sequence
+import os
+import shutil
+import sys
+import tempfile
+from typing import NoReturn, Optional, Sequence
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
@@ -23,11 +34,12 @@ from .convert import export_merged_model, export_peft_adapter
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PROG = "python -m dude_trl.export"
 
 
-def _base_dtype(base: str, requested: str) -> Optional[torch.dtype]:
+def _base_dtype(base: str, requested: Optional[str]) -> Optional[torch.dtype]:
     """The dtype to save a merged model in: `requested`, or for ``auto`` the base's own (float32 if unknown)."""
-    if requested != "auto":
+    if requested not in (None, "auto"):
         return _DTYPES[requested]
     stored = getattr(AutoConfig.from_pretrained(base), "dtype", None)
     if isinstance(stored, str):
@@ -48,44 +60,152 @@ def _copy_tokenizer(base: str, output_dir: str) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dude_trl.export",
+        prog=_PROG,
         description="Export a saved DuDe adapter for the original base: a merged transformers model (for serving, "
-        "e.g. vLLM) or a vanilla PEFT DoRA/LoRA adapter (loadable without dude_trl).",
+        "e.g. vLLM) or a vanilla PEFT DoRA/LoRA adapter (loadable without dude_trl). The output is written to a "
+        "temporary folder next to --out and renamed into place only when complete; the inputs are never changed. "
+        "Exit status 0 on success, 2 on a user error (printed as 'error: ...').",
     )
     parser.add_argument("--adapter", required=True, help="adapter directory (save_pretrained / Trainer checkpoint)")
     parser.add_argument("--base", required=True, help="the original base model: hub id or local directory")
     parser.add_argument("--to", required=True, choices=("merged", "dora"), help="what to write")
-    parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
-        "--dtype", default="auto", choices=("auto", *_DTYPES),
-        help="dtype of the merged model (default: the base's own); the merge itself runs in float32",
+        "--out", required=True,
+        help="output directory: new, empty, or (with --overwrite) replaced; not the adapter or inside it",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing non-empty --out directory (only once the export has succeeded)",
+    )
+    parser.add_argument(
+        "--dtype", default=None, choices=("auto", *_DTYPES),
+        help="dtype of the merged model, --to merged only (default: auto, the base's own); the merge itself runs "
+        "in float32",
     )
     parser.add_argument("--adapter-name", default="default", help="PEFT adapter name (default: %(default)s)")
     return parser
 
 
+def _fail(message: str) -> NoReturn:
+    """Report a user error as argparse does (``PROG: error: ...`` on stderr, no traceback); exit status 2."""
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (both already resolved)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before anything is loaded, every --adapter/--base/--out that would lose data or fail late."""
+    adapter = os.path.realpath(args.adapter)
+    if not os.path.exists(adapter):
+        _fail(f"--adapter {args.adapter!r} does not exist.")
+    if not os.path.isdir(adapter):
+        _fail(f"--adapter {args.adapter!r} is not a directory (pass the folder save_pretrained wrote).")
+    if os.path.isabs(args.base) or args.base.startswith(".") or os.path.exists(args.base):  # a path, not a hub id
+        if not os.path.isdir(args.base):
+            _fail(f"--base {args.base!r} is not a model directory (no such folder).")
+    if args.to == "dora" and args.dtype not in (None, "auto"):
+        _fail("--dtype applies to --to merged only; --to dora writes the adapter tensors as they are.")
+    out = os.path.realpath(args.out)
+    inputs = {"--adapter": adapter}
+    if os.path.isdir(args.base):
+        inputs["--base"] = os.path.realpath(args.base)
+    for flag, path in inputs.items():
+        if _within(out, path):
+            where = "is" if out == path else "lies inside"
+            _fail(f"--out {args.out!r} {where} the {flag} directory {path!r}: the export never writes into its "
+                  f"input. Choose an --out outside it.")
+        if _within(path, out):
+            _fail(f"--out {args.out!r} contains the {flag} directory {path!r}: replacing it would delete the input. "
+                  f"Choose another --out.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        _fail(f"--out {args.out!r} exists and is not a directory; remove it or choose another --out.")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        _fail(f"--out {args.out!r} is a non-empty directory; pass --overwrite to replace it (only once the export "
+              f"has succeeded), or choose another --out.")
+
+
+def _replace_dir(src: str, dest: str) -> None:
+    """Move the finished folder `src` to `dest`, replacing a `dest` directory only after `src` is in place."""
+    if not os.path.lexists(dest):
+        os.rename(src, dest)
+        return
+    parent, name = os.path.split(dest)
+    old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+    os.replace(dest, old)  # POSIX: a directory may replace an empty one
+    try:
+        os.rename(src, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_into_place(out: str, write) -> None:
+    """Run ``write(folder)`` on a temporary folder next to `out`, then rename it to `out`; on any
+    failure the temporary folder is removed and `out` is left as it was."""
+    dest = os.path.abspath(out)
+    parent, name = os.path.split(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Entry point of ``python -m dude_trl.export``."""
+    """Entry point of ``python -m dude_trl.export``; a user error exits with status 2 (`_fail`)."""
     args = _parser().parse_args(argv)
-    record = read_dude_config(args.adapter).base_quantization
+    args.adapter, args.base, args.out = (os.path.expanduser(path) for path in (args.adapter, args.base, args.out))
+    _check_paths(args)
+    try:
+        record = read_dude_config(args.adapter).base_quantization
+    except (ValueError, OSError) as err:
+        _fail(str(err))
     quantization_config = None
     if record is not None:
         # The trained model computed with the quantized residual: rebuild exactly that one
         # (merging dequantizes it), instead of silently exporting another model.
         quantization_config = bnb_config_from_record(record)
         print(f"{args.adapter} was trained on a bitsandbytes base {record}: loading the base quantized the same way.")
-    model = load_dude_model(
-        args.base, args.adapter, adapter_name=args.adapter_name, quantization_config=quantization_config,
-        dtype=torch.float32,
-    )
-    if args.to == "dora":
-        export_peft_adapter(model, args.out, args.adapter_name, base_model_name_or_path=args.base)
-        print(f"Wrote a PEFT adapter for {args.base} to {args.out}: PeftModel.from_pretrained(base, {args.out!r}).")
-        return
-    export_merged_model(model, args.out, args.adapter_name, dtype=_base_dtype(args.base, args.dtype))
-    tokenizer = " and its tokenizer" if _copy_tokenizer(args.base, args.out) else ""
-    print(f"Wrote the merged model{tokenizer} to {args.out}.")
+    try:
+        model = load_dude_model(
+            args.base, args.adapter, adapter_name=args.adapter_name, quantization_config=quantization_config,
+            dtype=torch.float32,
+        )
+        dtype = _base_dtype(args.base, args.dtype) if args.to == "merged" else None
+    except ValueError as err:  # a damaged adapter, or a base it was not trained on
+        _fail(str(err))
+    except OSError as err:  # transformers: no such model / no config / no weights
+        _fail(f"cannot load the base model {args.base!r}: {err}")
 
+    copied_tokenizer = False
+
+    def write(folder: str) -> None:
+        nonlocal copied_tokenizer
+        if args.to == "dora":
+            export_peft_adapter(model, folder, args.adapter_name, base_model_name_or_path=args.base)
+        else:
+            export_merged_model(model, folder, args.adapter_name, dtype=dtype)
+            copied_tokenizer = _copy_tokenizer(args.base, folder)
+
+    try:
+        _write_into_place(args.out, write)
+    except ValueError as err:  # the adapter cannot be exported (convert refuses it by name)
+        _fail(str(err))
+    except OSError as err:  # disk full, permissions, ...
+        _fail(f"cannot write {args.out!r}: {err}; nothing was written there.")
+    if args.to == "dora":
+        print(f"Wrote a PEFT adapter for {args.base} to {args.out}: PeftModel.from_pretrained(base, {args.out!r}).")
+    else:
+        tokenizer = " and its tokenizer" if copied_tokenizer else ""
+        print(f"Wrote the merged model{tokenizer} to {args.out}.")
 
 
 if __name__ == "__main__":

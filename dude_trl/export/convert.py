@@ -139,6 +139,15 @@ def peft_adapter_state_dict(
     return state, LoraConfig(**values)
 
 
+def _output_folder(output_dir: Union[str, os.PathLike]) -> str:
+    """`output_dir` as a path; an existing file there is refused (transformers' `save_pretrained`
+    would only log an error, write nothing and return as if it had saved)."""
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"{output_dir!r} exists and is not a directory; nothing was written.")
+    return output_dir
+
+
 def export_peft_adapter(
     model: PeftModel,
     output_dir: Union[str, os.PathLike],
@@ -151,12 +160,13 @@ def export_peft_adapter(
     The directory holds ``adapter_config.json`` (a plain `LoraConfig`) and
     ``adapter_model.safetensors``; ``PeftModel.from_pretrained(original_base, output_dir)`` then
     computes what the DuDe model computes, without dude_trl installed (DoRA for ``dude``,
-    ``dude_a``, ``dude_b``, ``dora``; LoRA for ``pissa``, ``lora``). Returns `output_dir`.
+    ``dude_a``, ``dude_b``, ``dora``; LoRA for ``pissa``, ``lora``). Returns `output_dir`; an
+    existing file there raises `NotADirectoryError`.
     """
+    output_dir = _output_folder(output_dir)
     state, config = peft_adapter_state_dict(model, adapter_name)
     if base_model_name_or_path is not None:
         config.base_model_name_or_path = base_model_name_or_path
-    output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     # Weights first, through a temporary name, then the config: an interrupted export never
     # leaves a config next to a half-written weights file.
@@ -188,12 +198,15 @@ def export_merged_model(
     dtype: Optional[torch.dtype] = None,
 ) -> str:
     """Merge (`merge_to_base`) and `save_pretrained` the result into `output_dir`, cast to `dtype`
-    after merging (merge in float32 for the most exact result). `model` is consumed."""
+    after merging (merge in float32 for the most exact result). `model` is consumed. An existing
+    file at `output_dir` raises `NotADirectoryError` before anything is merged."""
+    output_dir = _output_folder(output_dir)
     merged = merge_to_base(model, adapter_name)
     if dtype is not None:
         merged = merged.to(dtype)
-    merged.save_pretrained(os.fspath(output_dir))
-    return os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    merged.save_pretrained(output_dir)
+    return output_dir
 
 
 # The names of earlier releases: the export is DoRA only for the magnitude methods.
