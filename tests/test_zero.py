@@ -258,6 +258,16 @@ def test_shipped_deepspeed_configs_train(zero_runs, job, reference):
 
 @pytest.mark.slow
 @pytest.mark.multiproc
+@pytest.mark.parametrize("job", ["ddp-rand", "z2-rand", "z3-exact", "z3-rand"])
+def test_disable_adapter_gives_the_pretrained_model_after_distributed_training(zero_runs, job):
+    """Reference log-probs under `disable_adapter()` (DPO/KL pipelines) on every process, ZeRO-3 included."""
+    for run, ranks in (("one", (0,)), ("two", (0, 1))):
+        for rank in ranks:
+            assert _rank_json(zero_runs[run], job, rank)["disabled_adapter_max_logit_diff"] <= ATOL, (run, rank)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_zero3_saves_only_the_adapter(zero_runs):
     job_dir = os.path.join(zero_runs["two"], "z3-rand")
     trainable = 2 * sum(4 * (o + i) + o for o, i in TARGET_SHAPES.values())  # A, B, magnitude

@@ -8,7 +8,8 @@ builds a trainer, snapshots what this process holds right after the DuDe initial
 `trainer.save_model`. It writes, under ``O/NAME/``:
 
 - ``rank<k>.json``: micro-batches this process trained on, layers whose SVD it computed, init
-  time, the largest number of base-weight elements the init gathered at once, losses;
+  time, the largest number of base-weight elements the init gathered at once, losses, and how far
+  the trained model with its adapter disabled is from the pretrained model (max |logit diff|);
 - ``init_rank<k>.safetensors``: the post-init snapshot;
 - ``adapter/``: what `save_model` wrote (rank 0), ``trainer/``: Trainer checkpoints if any;
 - with ``--resume-job NAME``: a checkpoint at step ``steps - 1``, then ``adapter_resumed/`` from a
@@ -37,6 +38,7 @@ import torch
 from datasets import Dataset
 from peft.utils.integrations import gather_params_ctx
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +52,7 @@ from dude_trl.layers import INIT_A, INIT_B  # noqa: E402
 TEXT_LENGTH = 24
 NUM_SAMPLES = 32
 TARGET_MODULES = ["q_proj", "v_proj", "down_proj"]
+PROBE_IDS = torch.tensor([[5, 17, 42, 8, 66, 23, 9, 31], [12, 3, 77, 45, 60, 14, 29, 50]])
 
 
 def make_dataset() -> Dataset:
@@ -184,6 +187,12 @@ def build_trainer(cli: argparse.Namespace, args: SFTConfig, svd_niter: Optional[
     return trainer
 
 
+def probe_logits(model: torch.nn.Module) -> torch.Tensor:
+    """Logits on `PROBE_IDS` (every process must call it under ZeRO-3: the forward gathers)."""
+    with torch.no_grad():
+        return model(input_ids=PROBE_IDS).logits.float().cpu()
+
+
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f)
@@ -212,6 +221,8 @@ def main() -> None:
     dist_logger = logging.getLogger("dude_trl.distributed")
     dist_logger.addHandler(reports)
     dist_logger.setLevel(logging.DEBUG)
+    # Before any SFTConfig exists, so that ZeRO-3 does not partition this copy at load.
+    pretrained_logits = probe_logits(AutoModelForCausalLM.from_pretrained(cli.model_dir, dtype=torch.float32).eval())
     meter = GatherMeter()
     dude_trl.distributed.gather_params_ctx = meter.wrap(dude_trl.distributed.gather_params_ctx)
     dude_trl.layer_init.gather_params_ctx = meter.wrap(dude_trl.layer_init.gather_params_ctx)
@@ -229,6 +240,8 @@ def main() -> None:
         save_file(snapshot_adapter_state(trainer.model), os.path.join(job_dir, f"init_rank{rank}.safetensors"))
         max_gather = meter.max_numel
         trainer.train()
+        with trainer.model.disable_adapter():
+            disabled_diff = (probe_logits(trainer.model) - pretrained_logits).abs().max().item()
         trainer.save_model(os.path.join(job_dir, "adapter"))
         report = reports.reports[-1]
         write_json(
@@ -243,6 +256,7 @@ def main() -> None:
                 "build_seconds": build_seconds,
                 "max_init_gather_numel": max_gather,
                 "losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
+                "disabled_adapter_max_logit_diff": disabled_diff,
             },
         )
         del trainer
