@@ -46,13 +46,15 @@ def owner_in_output(module: LoraLayer, owner: str) -> bool:
 def add_principal_output(module: LoraLayer, args: tuple, kwargs: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
     """Forward hook: ``output + s B0 (A0 x)`` whenever the residual owner's update is left out."""
     owner = residual_owner(module)
-    if owner is None or owner_in_output(module, owner):
+    if owner is None:
         return None
-    if kwargs.get("adapter_names") is not None:
+    if kwargs.get("adapter_names") is not None:  # rows with other adapters (or "__base__") would see the residual
         raise ValueError(
             f"adapter_names= (mixed-adapter batches) is not supported on a layer holding the DuDe residual of "
             f"adapter {owner!r}: its base weight is not the pretrained one. Run one adapter per batch (set_adapter)."
         )
+    if owner_in_output(module, owner):
+        return None
     if not module.merged and not module.disable_adapters:
         _refuse_weight_norm_guests(module, owner)
     x = args[0] if args else kwargs["x"]

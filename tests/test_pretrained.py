@@ -238,3 +238,11 @@ def test_a_reloaded_adapter_gives_the_pretrained_model_when_disabled(tmp_path):
     torch.testing.assert_close(_logits(reloaded), _logits(model), atol=ATOL, rtol=0)
     with reloaded.disable_adapter():
         _assert_pretrained(base, reloaded)
+
+
+def test_mixed_adapter_batches_on_a_residual_layer_are_refused():
+    """PEFT's adapter_names= would run the "__base__" rows on the residual: refused, not silently wrong."""
+    _, model = _trained("pissa")
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        with torch.no_grad():
+            model(IDS, adapter_names=["default", "__base__"])
