@@ -158,12 +158,12 @@ def untie_shared_weights_(model: nn.Module, layers: list[tuple[str, LoraLayer]],
 
 
 def _model_configs(model: nn.Module) -> list[Any]:
-    """The transformers configs of `model` that can say ``tie_word_embeddings`` (top and text)."""
+    """The transformers configs of `model` that say ``tie_word_embeddings=True`` (top and text)."""
     config = getattr(model, "config", None)
     if config is None:
         return []
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return [c for c in {id(config): config, id(text): text}.values() if getattr(c, "tie_word_embeddings", False)]
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    return [c for c in configs if getattr(c, "tie_word_embeddings", False)]
 
 
 def held_buffer(module: LoraLayer, attr: str, adapter_name: str) -> Optional[torch.Tensor]:

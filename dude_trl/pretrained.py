@@ -31,7 +31,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .bases.bnb_storage import is_bnb_layer, set_quantized_weight_
-from .bases.full import FullPrecisionBase, stored_weight
+from .bases.full import stored_weight, write_weight
 from .layers import FINGERPRINT, INIT_A, INIT_B, held_buffer, principal_part, residual_owner
 from .variant import invalidate_norm_caches
 
@@ -43,9 +43,14 @@ def owner_in_output(module: LoraLayer, owner: str) -> bool:
     return not module.disable_adapters and owner in module.active_adapters
 
 
+#: `module.__dict__` key holding the residual owner's name for the forward hook: it runs on every
+#: forward of the layer, and a plain attribute is cheaper to read than the init-factor buffers.
+_OWNER = "_dude_residual_owner"
+
+
 def add_principal_output(module: LoraLayer, args: tuple, kwargs: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
     """Forward hook: ``output + s B0 (A0 x)`` whenever the residual owner's update is left out."""
-    owner = residual_owner(module)
+    owner = module.__dict__.get(_OWNER)
     if owner is None:
         return None
     if kwargs.get("adapter_names") is not None:  # rows with other adapters (or "__base__") would see the residual
@@ -82,7 +87,7 @@ def restore_pretrained_weight_(module: LoraLayer, owner: str) -> None:
         if is_bnb_layer(base):
             set_quantized_weight_(base, weight)
         else:
-            FullPrecisionBase().write_residual(module, weight)
+            write_weight(module, weight)
     invalidate_norm_caches(module)
 
 
@@ -104,6 +109,7 @@ def delete_adapter_from_layer(module: LoraLayer, adapter_name: str) -> None:
     deleted adapter owns the residual; drops the adapter's DuDe buffers."""
     if residual_owner(module) == adapter_name:
         restore_pretrained_weight_(module, adapter_name)
+        module.__dict__.pop(_OWNER, None)
     for attr in (INIT_A, INIT_B, FINGERPRINT):
         buffers = getattr(module, attr, None)
         if buffers is not None and adapter_name in buffers:
@@ -118,6 +124,7 @@ def install_pretrained_view_(module: LoraLayer) -> None:
     The unloading and deletion entry points are per-instance `functools.partial` attributes, so a
     `copy.deepcopy` of the model (TRL's reference models) or a pickle keeps them bound to the copy.
     """
+    module.__dict__[_OWNER] = residual_owner(module)
     if add_principal_output not in module._forward_hooks.values():
         module.register_forward_hook(add_principal_output, with_kwargs=True)
     module.unload_and_optionally_merge_module = functools.partial(unload_layer, module)

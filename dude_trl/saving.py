@@ -28,6 +28,7 @@ from peft.utils import set_peft_model_state_dict
 from peft.utils.integrations import gather_params_ctx
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from torch import nn
 from transformers import PreTrainedModel
 
 from .bases import FullPrecisionBase, base_for
@@ -199,8 +200,9 @@ def rebuild_residual_(
                 check_fingerprint(layer_name, fingerprint, own, base_hint)
             if rewrite:
                 A0, B0 = init_A.to(W0.device), init_B.to(W0.device)
-                check_init_scaling(module, adapter_name, W0, A0, B0, layer_name)
-                base.write_residual(module, W0 - module.scaling[adapter_name] * (B0.float() @ A0.float()))
+                BA = B0.float() @ A0.float()
+                check_init_scaling(module, adapter_name, W0, BA, layer_name)
+                base.write_residual(module, W0 - module.scaling[adapter_name] * BA)
                 register_init_factors(module, adapter_name, A0, B0)
                 install_pretrained_view_(module)
     elif fingerprint is not None:
@@ -214,18 +216,15 @@ def rebuild_residual_(
 SCALING_RTOL = 0.05
 
 
-def check_init_scaling(
-    module: LoraLayer, adapter_name: str, W0: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, layer_name: str
-) -> None:
+def check_init_scaling(module: LoraLayer, adapter_name: str, W0: torch.Tensor, BA: torch.Tensor, layer_name: str) -> None:
     """Raise a `ValueError` when the layer's scaling ``s`` (from ``lora_alpha``, ``r``, ``use_rslora``,
     ``alpha_pattern`` of the adapter config) is not the one its initial factors were made with.
 
     At initialisation ``s B0 A0`` is the projection of ``W0`` onto its top-r singular subspace, so
     ``<W0, s B0 A0> = ||s B0 A0||^2``: the scaling the factors imply is
-    ``<W0, B0 A0> / ||B0 A0||^2``. An edited config would otherwise rebuild another residual and
+    ``<W0, B0 A0> / ||B0 A0||^2`` (`BA` is ``B0 @ A0``, float32). An edited config would otherwise rebuild another residual and
     load silently with other outputs.
     """
-    BA = B0.float() @ A0.float()
     norm_sq = float((BA * BA).sum())
     if norm_sq == 0.0:
         return
@@ -379,7 +378,7 @@ def load_dude_model(
         model_or_path: the original base model, or its hub id / local directory.
         adapter_dir: a directory written by `save_pretrained`, `trainer.save_model` or a Trainer checkpoint.
         adapter_name: PEFT adapter name.
-        is_trainable: keep the adapter trainable (to continue training); frozen otherwise.
+        is_trainable: keep the adapter trainable (to continue training); frozen, and in eval mode, otherwise.
         quantization_config: a `transformers.BitsAndBytesConfig` for a 4-bit/8-bit base.
         progress: show a progress bar over the layers.
         **model_kwargs: passed to `from_pretrained` when a path is given (e.g. ``dtype``).
@@ -409,9 +408,11 @@ def load_dude_model(
         with base_for(peft_model, checkpoint, checkpoint_kwargs) as base:
             _check_base_quantization(config, base.quantization_record, source)
             base.prepare(peft_model)
-            return restore_dude_adapter_(
+            restore_dude_adapter_(
                 peft_model, weights, base, adapter_name, source=source, progress=progress, trained_on=trained_on
             )
+        # As PEFT's from_pretrained: eval mode unless trainable; then the mode the base came in.
+        return peft_model.train(is_trainable and isinstance(model_or_path, nn.Module) and model_or_path.training)
     finally:
         if tmp is not None:
             tmp.cleanup()

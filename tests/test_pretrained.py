@@ -17,7 +17,7 @@ from trl import SFTConfig
 from conftest import make_llama, make_qwen2, make_tokenizer, perturb_trainable_
 from dude_trl import DuDeConfig, DuDeSFTTrainer, get_dude_model
 from dude_trl.config import METHODS
-from dude_trl.layers import INIT_A, residual_owner
+from dude_trl.layers import residual_owner
 from dude_trl.model import initialize_dude_
 
 IDS = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -108,14 +108,17 @@ def test_reference_logprobs_under_disable_adapter_during_training(tmp_path):
     tokenizer = make_tokenizer()
     base = make_qwen2()
     expected = torch.log_softmax(_logits(base), dim=-1)
-    seen = []
+    reference, adapted = [], []
+
+    def distance(model) -> float:
+        with torch.no_grad():
+            return (torch.log_softmax(model(IDS).logits, dim=-1) - expected).abs().max().item()
 
     class ReferenceLogprobs(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            with torch.no_grad(), model.disable_adapter():
-                seen.append((torch.log_softmax(model(IDS).logits, dim=-1) - expected).abs().max().item())
-            with torch.no_grad():
-                seen.append(-(torch.log_softmax(model(IDS).logits, dim=-1) - expected).abs().max().item())
+            with model.disable_adapter():
+                reference.append(distance(model))
+            adapted.append(distance(model))
 
     data = Dataset.from_dict({"text": ["Q: 1+1? A: 2", "Q: 2+3? A: 5"] * 4})
     trainer = DuDeSFTTrainer(
@@ -130,7 +133,6 @@ def test_reference_logprobs_under_disable_adapter_during_training(tmp_path):
         callbacks=[ReferenceLogprobs()],
     )
     trainer.train()
-    reference, adapted = seen[0::2], [-d for d in seen[1::2]]
     assert len(reference) == 3 and max(reference) <= ATOL
     assert min(adapted) > 1e-3  # training moved the adapted model away from the reference
 
@@ -153,7 +155,8 @@ def test_a_second_lora_adapter_computes_on_the_pretrained_weight():
                 lora_weights[name.replace(".other.", ".default.").removeprefix("base_model.model.")] = param.clone()
     model.set_adapter("other")
     plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    plain.base_model.model.load_state_dict(lora_weights, strict=False)
+    loaded = plain.base_model.model.load_state_dict(lora_weights, strict=False)
+    assert not loaded.unexpected_keys and len(lora_weights) == 8  # A and B of q and v in 2 layers
     torch.testing.assert_close(_logits(model), _logits(plain), atol=ATOL, rtol=0)
     model.set_adapter("default")
     torch.testing.assert_close(_logits(model), dude_only, atol=ATOL, rtol=0)
@@ -189,10 +192,13 @@ def test_get_dude_model_keeps_the_mode_the_model_came_in(training):
     assert {m.training for m in model.modules()} == {training}
 
 
-def test_every_svd_layer_holds_one_residual_owner():
-    _, model = _trained("dude")
-    owners = {residual_owner(m) for m in model.modules() if hasattr(m, INIT_A)}
-    assert owners == {"default"}
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_a_reloaded_adapter_is_in_eval_mode_unless_trainable(tmp_path, is_trainable):
+    """As PEFT's from_pretrained: a frozen reload is in eval mode (no dropout); a trainable one keeps the base's."""
+    get_dude_model(make_llama(), _config("dude"), progress=False).save_pretrained(tmp_path)
+    model = get_dude_model(make_llama().train(), str(tmp_path), is_trainable=is_trainable, progress=False)
+    assert {m.training for m in model.modules()} == {is_trainable}
+
 
 
 def _tied_llama() -> LlamaForCausalLM:

@@ -519,4 +519,4 @@ def test_unload_on_a_quantized_base_requantizes_the_pretrained_weight(model_dir,
             W0 = pretrained.get_submodule(name).weight
             error = (dequantized_weight(module) - W0).norm()
             plain_error = (dequantized_weight(plain.get_submodule(name)) - W0).norm()
-            assert error < 1.5 * plain_error, name
+            assert error < 1.15 * plain_error, name  # measured 1.04-1.06x: a second rounding of W0's grid

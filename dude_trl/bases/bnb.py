@@ -384,7 +384,7 @@ def merge_and_dequantize(model: PeftModel, dtype: Optional[torch.dtype] = None) 
         if not is_bnb_layer(base):
             continue
         weight = dequantized_weight(base)
-        merged = list(module.merged_adapters) if module.merged else []
+        in_weight = list(module.merged_adapters) if module.merged else []
         if not module.merged:
             for adapter in module.active_adapters:
                 if adapter not in module.lora_A:
@@ -393,9 +393,9 @@ def merge_and_dequantize(model: PeftModel, dtype: Optional[torch.dtype] = None) 
                     weight = module.lora_variant[adapter].merge_safe(module, adapter, weight)
                 else:
                     weight = weight + module.get_delta_weight(adapter).float()
-                merged.append(adapter)
+                in_weight.append(adapter)
         owner = residual_owner(module)
-        if owner is not None and owner not in merged:  # another adapter merged onto the pretrained weight
+        if owner is not None and owner not in in_weight:  # another adapter merged onto the pretrained weight
             weight = weight + principal_part(module, owner)
         base_model.set_submodule(name, _full_precision_linear(base, weight.float(), dtype))
     merged = model.merge_and_unload()  # the remaining PEFT wrappers (modules_to_save, ...), if any

@@ -46,6 +46,13 @@ def stored_weight(module: LoraLayer) -> torch.Tensor:
     return weight.T if module.fan_in_fan_out else weight
 
 
+def write_weight(module: LoraLayer, weight: torch.Tensor) -> None:
+    """Copy `weight` (``out x in``) into the layer's full-precision base weight, in its dtype and layout."""
+    base = module.get_base_layer()
+    weight = weight.T if module.fan_in_fan_out else weight
+    base.weight.data.copy_(weight.to(base.weight.dtype))
+
+
 class FullPrecisionBase:
     """A base whose frozen weights are stored exactly; the interface of every base backend.
 
@@ -83,9 +90,7 @@ class FullPrecisionBase:
 
     def write_residual(self, module: LoraLayer, residual: torch.Tensor) -> None:
         """Store `residual` (``out x in``) as the layer's frozen base weight, in its dtype and layout."""
-        base = module.get_base_layer()
-        residual = residual.T if module.fan_in_fan_out else residual
-        base.weight.data.copy_(residual.to(base.weight.dtype))
+        write_weight(module, residual)
 
     def residual_roundtrip(self, module: LoraLayer) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """What storing a residual in this layer does to it, when that loses something (None: exact)."""
