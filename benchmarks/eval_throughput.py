@@ -9,6 +9,7 @@ up to float rounding).
 
     python benchmarks/eval_throughput.py                                  # random Llama
     python benchmarks/eval_throughput.py --model models/SmolLM2-135M-Instruct
+    python benchmarks/eval_throughput.py --device cuda --json eval.json
 
 Without ``--model`` the model is a randomly initialised Llama (``--hidden``, ``--layers``)
 with a byte-level BPE tokenizer trained here on synthetic problems; its greedy output
@@ -18,6 +19,7 @@ rarely hits EOS, so every question generates the full ``--max-new-tokens``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -73,7 +75,7 @@ def time_evaluate(model, tokenizer, dataset, batch_size: int, max_new_tokens: in
     return time.perf_counter() - start, result
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="local transformers checkpoint; default: random Llama")
     parser.add_argument("--num-samples", type=int, default=32)
@@ -83,11 +85,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     model, tokenizer, description = load_model(args.model, args.hidden, args.layers)
+    model.to(device)
+    description += f", {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
     dataset = make_gsm8k_dataset(args.num_samples, seed=0, split="test")
     evaluate(model, tokenizer, GSM8KTask(), dataset, batch_size=2, num_samples=2, max_new_tokens=4,
              progress=False)  # warm-up
@@ -111,6 +118,16 @@ def main() -> None:
               f"{best[baseline] / seconds:.2f}x | {results[batch_size]['metrics']['accuracy']:.3f} |")
     same = len({round(r["metrics"]["accuracy"], 6) for r in results.values()}) == 1
     print(f"accuracies equal across batch sizes: {same}")
+    summary = {
+        "model": description, "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
+        "seconds": {str(b): best[b] for b in args.batch_sizes},
+        "speedup": {str(b): best[baseline] / best[b] for b in args.batch_sizes},
+        "accuracies_equal": same,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ One optimizer step = forward + backward on ``--tokens`` tokens (one sequence) + 
 Every round wraps the same base model with each method in turn (rotated order), runs warm-up
 steps, times ``--steps`` steps, records the allocator's peak, and unloads the adapter again;
 the median over rounds is reported with ratios against LoRA (QLoRA for the 4-bit rows).
-Gradient checkpointing is measured off and on (non-reentrant).
+Gradient checkpointing is measured off and on (non-reentrant). On CUDA the steps run under
+bf16 autocast, as `Trainer(bf16=True)` runs them (the adapters stay float32, PEFT's default).
 
     python benchmarks/model_step.py                      # CUDA, bf16, Qwen2-7B shape, 4096 tokens
     python benchmarks/model_step.py --tiny               # CPU-sized smoke run (CI), float32
-    python benchmarks/model_step.py --profile dude       # + where one step's time goes
+    python benchmarks/model_step.py --profile dude,lora  # + where one step's time goes
+    python benchmarks/model_step.py --quant only --layers 8   # QLoRA vs QDuDe alone, 8 decoder layers
+    python benchmarks/model_step.py --count-ops --device cpu --layers 1 --tokens 32   # ops per step, no GPU
     python benchmarks/model_step.py --activations --device cpu --tokens 256   # activation memory, no GPU
 """
 
@@ -106,8 +109,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(model, opt, ids) -> None:
-    model(input_ids=ids, labels=ids).loss.backward()
+def train_step(model, opt, ids, autocast: bool = False) -> None:
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -130,19 +135,21 @@ def measure(method, base, args, device, ids, checkpointing: bool) -> tuple[float
         set_checkpointing(model.base_model.model, True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     for _ in range(args.warmup):
-        train_step(model, opt, ids)
+        train_step(model, opt, ids, args.autocast)
     sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        train_step(model, opt, ids)
+        train_step(model, opt, ids, args.autocast)
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    if args.profile == method and checkpointing == args.checkpointing_for_profile:
-        profile_step(model, opt, ids, device)
+    if method in args.profile and checkpointing == args.checkpointing_for_profile and method not in args.profiled:
+        args.profiled.add(method)
+        profile_step(model, opt, ids, device, args.autocast, f"{method}, checkpointing {'on' if checkpointing else 'off'}",
+                     args.profile_file)
     if checkpointing:
         set_checkpointing(model.base_model.model, False)
     model.unload()  # back to the plain base (DuDe leaves the residual in it: same cost)
@@ -153,16 +160,53 @@ def measure(method, base, args, device, ids, checkpointing: bool) -> tuple[float
     return statistics.median(times), peak
 
 
-def profile_step(model, opt, ids, device: str, rows: int = 25) -> None:
-    """Where one step's time goes, by operator (self time)."""
+def profile_step(model, opt, ids, device: str, autocast: bool, label: str, path: Optional[str] = None,
+                 rows: int = 30) -> None:
+    """Where one step's time goes, by operator (self time), printed or appended to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        train_step(model, opt, ids)
+        train_step(model, opt, ids, autocast)
         sync(device)
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+    table = f"## one step of {label}\n" + prof.key_averages().table(sort_by=key, row_limit=rows) + "\n"
+    if path:
+        with open(path, "a") as f:
+            f.write(table)
+    else:
+        print(table)
+
+
+#: Operators that launch no kernel (views, allocations, metadata), left out of `count_ops`.
+_NO_KERNEL_OPS = {
+    "view", "_unsafe_view", "as_strided", "t", "transpose", "detach", "alias", "expand", "slice", "select",
+    "reshape", "unsqueeze", "squeeze", "permute", "resolve_conj", "resolve_neg", "empty", "empty_strided",
+    "empty_like", "lift_fresh", "result_type", "_local_scalar_dense",
+}
+
+
+def count_ops(method: str, base, args, ids) -> int:
+    """Operators one optimizer step dispatches, views and allocations excluded: on a GPU, each is
+    (at least) a kernel launch and its host overhead, which is what a launch-bound step pays for."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, func_args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in _NO_KERNEL_OPS:
+                Counter.count += 1
+            return func(*func_args, **(kwargs or {}))
+
+    model = wrap(method, base, args.r)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    train_step(model, opt, ids, args.autocast)  # caches and optimizer state exist from here on
+    with Counter():
+        train_step(model, opt, ids, args.autocast)
+    model.unload()
+    return Counter.count
 
 
 def layer_activation_bytes(method: str, base, args, device, ids) -> int:
@@ -261,13 +305,20 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3; --tiny: 1)")
     parser.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run")
     parser.add_argument("--methods", default="lora,dora,dude")
-    parser.add_argument("--quant", default="auto", choices=["auto", "yes", "no"],
-                        help="also QLoRA vs QDuDe on a 4-bit base (auto: when bitsandbytes is installed)")
-    parser.add_argument("--profile", default=None, help="print a profiler table for one step of this method")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
+    parser.add_argument("--quant", default="auto", choices=["auto", "yes", "no", "only"],
+                        help="also QLoRA vs QDuDe on a 4-bit base (auto: when bitsandbytes is installed; "
+                             "only: just those)")
+    parser.add_argument("--autocast", default="auto", choices=["auto", "on", "off"],
+                        help="bf16 autocast around forward (auto: on with CUDA, as Trainer(bf16=True))")
+    parser.add_argument("--profile", default="", help="profile one step of these methods (comma separated)")
+    parser.add_argument("--profile-file", default=None, help="append the profiler tables here instead of printing")
     parser.add_argument("--activations", action="store_true",
                         help="only measure one real-shaped decoder layer's saved activations and scale them to the "
                              "model (runs on CPU; --tokens is what is measured, --full-tokens what it is scaled to)")
     parser.add_argument("--full-tokens", type=int, default=4096)
+    parser.add_argument("--count-ops", action="store_true",
+                        help="only count the operators (kernel launches) one step dispatches, per method")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -276,10 +327,17 @@ def main(argv=None) -> list[Result]:
     args.rounds = args.rounds or (1 if args.tiny else 3)
     args.checkpointing = [{"off": False, "on": True}[v] for v in args.checkpointing.split(",")]
     args.checkpointing_for_profile = args.checkpointing[-1]
-    methods = [m for m in args.methods.split(",") if m]
-    dtype = torch.bfloat16 if device == "cuda" and not args.tiny else torch.float32
-    shape = TINY if args.tiny else QWEN2_7B
-    quant = args.quant == "yes" or (args.quant == "auto" and importlib.util.find_spec("bitsandbytes") is not None)
+    args.profile, args.profiled = {m for m in args.profile.split(",") if m}, set()
+    args.autocast = args.autocast == "on" or (args.autocast == "auto" and device == "cuda")
+    methods = [m for m in args.methods.split(",") if m] if args.quant != "only" else []
+    # bf16 on CUDA; counting operators needs no GPU but the GPU's dtypes (they pick the code paths).
+    dtype = torch.bfloat16 if (device == "cuda" or args.count_ops) and not args.tiny else torch.float32
+    shape = dict(TINY if args.tiny else QWEN2_7B)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    quant = args.quant in ("yes", "only") or (
+        args.quant == "auto" and importlib.util.find_spec("bitsandbytes") is not None
+    )
     logging.getLogger("dude_trl").setLevel(logging.ERROR)
     if args.activations:
         results = activation_estimate(args, device, torch.bfloat16 if not args.tiny else torch.float32)
@@ -289,13 +347,29 @@ def main(argv=None) -> list[Result]:
         return []
 
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"# model_step: Qwen2 {'tiny' if args.tiny else '7B'}-shaped, random weights, {dtype}, {where}, "
-          f"{args.tokens} tokens, r={args.r} on {TARGETS}, {args.rounds} round(s) x {args.steps} steps")
+    if args.count_ops:
+        torch.manual_seed(0)
+        base = build_base(shape, dtype, device)
+        ids = torch.randint(0, shape["vocab_size"], (1, args.tokens), device=device)
+        counts = {m: count_ops(m, base, args, ids) for m in methods}
+        layers = shape["num_hidden_layers"]
+        print(f"# operators per optimizer step (views excluded), {layers} decoder layer(s), {dtype}"
+              f"{' + autocast' if args.autocast else ''}, {args.tokens} tokens, {where}")
+        for method, count in counts.items():
+            print(f"{method:>6} {count:7d} ops  {count / counts[methods[0]]:6.3f}x {methods[0]}  "
+                  f"{(count - counts[methods[0]]) / layers:+7.1f} per decoder layer", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"argv": sys.argv[1:], "layers": layers, "op_counts": counts}, f, indent=1)
+        return []
+    print(f"# model_step: Qwen2 {'tiny' if args.tiny else '7B'}-shaped ({shape['num_hidden_layers']} layers), random "
+          f"weights, {dtype}{' + bf16 autocast' if args.autocast else ''}, {where}, {args.tokens} tokens, r={args.r} "
+          f"on {TARGETS}, {args.rounds} round(s) x {args.steps} steps")
     print(f"{'group':>5} {'ckpt':>4} {'method':>6} {'step ms':>10} {'peak GiB':>6} {'t/ref':>7} {'m/ref':>6}")
     torch.manual_seed(0)
     base = build_base(shape, dtype, device)
     ids = torch.randint(0, shape["vocab_size"], (1, args.tokens), device=device)
-    results = run_group("bf16" if dtype == torch.bfloat16 else "fp32", methods, base, args, device, ids)
+    results = run_group("bf16" if dtype == torch.bfloat16 else "fp32", methods, base, args, device, ids) if methods else []
     if quant:
         with tempfile.TemporaryDirectory(prefix="model-step-") as tmpdir:
             qbase = quantize_base(base, device, tmpdir)
@@ -305,8 +379,8 @@ def main(argv=None) -> list[Result]:
                 torch.cuda.empty_cache()
             results += run_group("4bit", ["qlora", "qdude"], qbase, args, device, ids)
     if args.json:
-        meta = {"device": where, "dtype": str(dtype), "tokens": args.tokens, "argv": sys.argv[1:],
-                "load_avg": os.getloadavg()[0]}
+        meta = {"device": where, "dtype": str(dtype), "tokens": args.tokens, "layers": shape["num_hidden_layers"],
+                "autocast": args.autocast, "argv": sys.argv[1:], "load_avg": os.getloadavg()[0]}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
     return results

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import DuDeConfig
-from .variant import DuDeLinearVariant, install_cache_invalidation
+from .variant import DuDeLinearVariant, install_cache_invalidation, link_norm_peers_
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +203,8 @@ def install_dude_variant_(model: PeftModel, adapter_name: str = "default") -> No
     """Use `DuDeLinearVariant` (DuDe's fast forward) on every magnitude layer of `adapter_name`."""
     if not model.peft_config[adapter_name].has_magnitude:
         return
-    for _, module in dude_layers(model, adapter_name):
+    modules = [module for _, module in dude_layers(model, adapter_name)]
+    for module in modules:
         module.lora_variant[adapter_name] = DuDeLinearVariant()
         install_cache_invalidation(module)
+    link_norm_peers_(modules, adapter_name)

@@ -8,8 +8,9 @@ its row norms. `DuDeLinearVariant` instead expands the squared row norm,
 
 where ``||W_i||^2`` is constant (the residual is frozen), ``W A^T`` is ``out x r`` and
 ``A A^T`` is ``r x r``. The norm is detached (DoRA sec. 4.3), so it is computed once per
-optimizer step and reused by every micro-batch and by gradient-checkpointing recomputes.
-lora_B's matmul and the row scaling are one autograd function that accumulates into the base
+optimizer step and reused by every micro-batch and by gradient-checkpointing recomputes; the
+layers of one model and shape compute it together, in batched operations, since on a GPU its
+cost is kernel launches (`_compute_norms`). lora_B's matmul and the row scaling are one autograd function that accumulates into the base
 output and keeps a single ``tokens x out`` tensor (in the base output's dtype) for the
 magnitude gradient. Merge and unmerge are exact: unmerge puts back the very weight that merge
 replaced.
@@ -37,10 +38,12 @@ CANCELLATION_RATIO = 1e-3
 #: How many of a layer's rows (the most cancelled ones) the guard can recompute per norm computation.
 GUARDED_ROWS = 32
 
-#: Largest float32 temporary (elements) when a low-precision residual is upcast chunk by chunk.
-_CHUNK_ELEMENTS = 1 << 22
+#: Largest float32 temporary (elements, 64 MiB) when a low-precision residual is upcast chunk by
+#: chunk: a 7B model's attention projections take one chunk (few kernel launches), a 70B MLP a few.
+_CHUNK_ELEMENTS = 1 << 24
 
 _NORMS = "_dude_norms"  # module attribute: {adapter: (key, norm)}
+_PEERS = "_dude_norm_peers"  # module attribute: {adapter: [the model's DuDe layers of that adapter]}
 _RESIDUAL_SQ = "_dude_residual_sq"  # module attribute: (key, ||W_i||^2)
 _UNMERGE = "_dude_unmerge"  # module attribute: {adapter: (weight before merge, norm, merged data_ptr)}
 
@@ -116,8 +119,13 @@ def residual_times(base_layer: nn.Module, A: torch.Tensor, fan_in_fan_out: bool)
     if weight.dtype == A.dtype:
         return A @ weight if fan_in_fan_out else A @ weight.T
     A = A.float()
+    chunks = _row_chunks(weight, fan_in_fan_out)
+    rows, chunk = next(chunks)
+    if rows.stop == (weight.shape[1] if fan_in_fan_out else weight.shape[0]):
+        return A @ chunk.T
     out = torch.empty(A.shape[0], weight.shape[1] if fan_in_fan_out else weight.shape[0], device=A.device)
-    for rows, chunk in _row_chunks(weight, fan_in_fan_out):
+    out[:, rows] = A @ chunk.T
+    for rows, chunk in chunks:
         out[:, rows] = A @ chunk.T
     return out
 
@@ -164,43 +172,110 @@ def _norm_key(A: torch.Tensor, B: torch.Tensor, weight: torch.Tensor, scaling: f
     return (_generation, A._version, B._version, A.data_ptr(), B.data_ptr(), weight._version, weight.data_ptr(), scaling)
 
 
-def _compute_norm(module: nn.Module, adapter: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def _residual_sq(module: nn.Module) -> torch.Tensor:
+    """``||W_i||^2`` of the layer's frozen weight, cached until the weight changes."""
     base_layer = _base_layer(module)
-    fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
-    scaling = module.scaling[adapter]
     weight = base_layer.weight
+    key = None if hasattr(weight, "ds_id") else (weight._version, weight.data_ptr())
+    cached = module.__dict__.get(_RESIDUAL_SQ)
+    if cached is None or cached[0] != key:
+        cached = (key, residual_row_sq_norms(base_layer, getattr(module, "fan_in_fan_out", False)))
+        module.__dict__[_RESIDUAL_SQ] = cached
+    return cached[1]
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _compute_norms(modules: list[nn.Module], adapter: str) -> torch.Tensor:
+    """Row norms ``||W + s B A||_row`` of layers that share shapes, dtypes, device and scaling
+    (`_batch_key`), computed together (``len(modules) x out``): on a GPU this runs once per step
+    and costs kernel launches, so a model's q (or v) projections share one set of batched ones."""
+    first = modules[0]
+    base_layer = _base_layer(first)
+    weight = base_layer.weight
+    fan_in_fan_out = getattr(first, "fan_in_fan_out", False)
+    scaling = first.scaling[adapter]
+    A0, B0 = first.lora_A[adapter].weight, first.lora_B[adapter].weight
     # Cached tensors must be usable by autograd later, also when first computed under inference_mode.
     # Autocast off: the expansion amplifies bf16 rounding, and the cached value must not depend
     # on whether it was first computed inside or outside an autocast region.
     with (
         torch.inference_mode(False),
         torch.no_grad(),
-        torch.autocast(A.device.type, enabled=False),
-        _gathered([weight, A, B]),
+        torch.autocast(A0.device.type, enabled=False),
+        _gathered([weight, A0, B0]),  # ZeRO-3 layers are never batched (`_batch_key`)
     ):
-        A32, B32 = A.float(), B.float()
-        residual_key = None if hasattr(weight, "ds_id") else (weight._version, weight.data_ptr())
-        cached_sq = module.__dict__.get(_RESIDUAL_SQ)
-        if cached_sq is None or cached_sq[0] != residual_key:
-            cached_sq = (residual_key, residual_row_sq_norms(base_layer, fan_in_fan_out))
-            module.__dict__[_RESIDUAL_SQ] = cached_sq
-        residual_sq = cached_sq[1].to(A32.device)
-        cross = (B32 * residual_times(base_layer, A32, fan_in_fan_out).float().T).sum(dim=1)
-        lora_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)
-        norm_sq = residual_sq + (2 * scaling) * cross + scaling**2 * lora_sq
+        A = _stack([m.lora_A[adapter].weight for m in modules]).float()  # n x r x in
+        B = _stack([m.lora_B[adapter].weight for m in modules]).float()  # n x out x r
+        residual_sq = _stack([_residual_sq(m) for m in modules]).to(A.device)
+        W_At = _stack([residual_times(_base_layer(m), A[i], fan_in_fan_out) for i, m in enumerate(modules)])
+        cross = (B * W_At.float().transpose(1, 2)).sum(dim=2)
+        lora_sq = (torch.bmm(B, torch.bmm(A, A.transpose(1, 2))) * B).sum(dim=2)
+        norm_sq = torch.add(residual_sq, cross, alpha=2 * scaling).add_(lora_sq, alpha=scaling**2)
         # Guard against cancellation: the rows shortest relative to their parts are recomputed
         # directly when below CANCELLATION_RATIO. A fixed count (topk) keeps this free of the
         # host sync that selecting by a mask would cost on a GPU.
-        ratio = norm_sq / (residual_sq + scaling**2 * lora_sq).clamp_min(torch.finfo(torch.float32).tiny)
-        rows = torch.topk(ratio, min(GUARDED_ROWS, ratio.numel()), largest=False).indices
-        cancelled = ratio[rows] <= CANCELLATION_RATIO
+        parts = torch.add(residual_sq, lora_sq, alpha=scaling**2).clamp_min_(torch.finfo(torch.float32).tiny)
+        lowest, rows = torch.topk(norm_sq / parts, min(GUARDED_ROWS, norm_sq.shape[1]), dim=1, largest=False)
+        cancelled = lowest <= CANCELLATION_RATIO
         # A quantized base dequantizes whole, so there it is worth a sync to skip it when no row needs it.
         if not is_quantized_layer(base_layer) or bool(cancelled.any()):
-            direct = _residual_rows(base_layer, rows.to(weight.device), fan_in_fan_out).to(A32.device)
-            direct_sq = (direct + scaling * (B32[rows] @ A32)).square().sum(dim=1)
-            norm_sq[rows] = torch.where(cancelled, direct_sq, norm_sq[rows])
+            direct = _stack([
+                _residual_rows(_base_layer(m), rows[i].to(weight.device), fan_in_fan_out) for i, m in enumerate(modules)
+            ]).to(A.device)
+            B_rows = torch.gather(B, 1, rows.unsqueeze(-1).expand(-1, -1, B.shape[2]))
+            direct_sq = torch.baddbmm(direct, B_rows, A, alpha=scaling).square_().sum(dim=2)
+            norm_sq.scatter_(1, rows, torch.where(cancelled, direct_sq, norm_sq.gather(1, rows)))
         # A zero row would divide by zero.
-        return norm_sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        return norm_sq.clamp_min_(torch.finfo(torch.float32).tiny).sqrt_()
+
+
+def _batch_key(module: nn.Module, adapter: str) -> Optional[tuple]:
+    """What layers must share for `_compute_norms` to take them together, or None for a layer that
+    is computed alone (quantized, ZeRO-3 partitioned, ``fan_in_fan_out``, merged or disabled)."""
+    base_layer = _base_layer(module)
+    weight = base_layer.weight
+    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if (
+        is_quantized_layer(base_layer)
+        or hasattr(weight, "ds_id")
+        or hasattr(A, "ds_id")
+        or getattr(module, "fan_in_fan_out", False)
+        or module.merged
+        or module.disable_adapters
+    ):
+        return None
+    return (weight.device, weight.dtype, weight.shape, A.device, A.dtype, A.shape, B.dtype, module.scaling[adapter])
+
+
+def link_norm_peers_(modules: list[nn.Module], adapter: str) -> None:
+    """Let the DuDe layers of one model (`adapter`'s) compute their norms together (`_stale_peers`).
+
+    The shared list lives in each layer's ``__dict__``: a deep copy of the model (TRL's reference
+    model) gets its own list of its own layers, and the modules' state dicts do not change."""
+    peers = list(modules)
+    for module in peers:
+        module.__dict__.setdefault(_PEERS, {})[adapter] = peers
+
+
+def _stale_peers(module: nn.Module, adapter: str) -> list[tuple[nn.Module, tuple]]:
+    """The other layers of `module`'s model (`link_norm_peers_`) whose norm its computation can
+    include, with their cache keys: the same `_batch_key` and no valid cached norm."""
+    batch_key = _batch_key(module, adapter)
+    if batch_key is None:
+        return []
+    stale = []
+    for peer in module.__dict__.get(_PEERS, {}).get(adapter, ()):
+        if peer is module or _batch_key(peer, adapter) != batch_key:
+            continue
+        key = _norm_key(peer.lora_A[adapter].weight, peer.lora_B[adapter].weight, _base_layer(peer).weight,
+                        peer.scaling[adapter])
+        cached = peer.__dict__.get(_NORMS, {}).get(adapter)
+        if cached is None or cached[0] != key:
+            stale.append((peer, key))
+    return stale
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -228,9 +303,13 @@ def _cached_norm(module: nn.Module, adapter: str, weight: torch.Tensor) -> torch
     cached = norms.get(adapter)
     if CACHE_NORMS and cached is not None and cached[0] == key:
         return cached[1]
-    norm = _compute_norm(module, adapter, A, B)
-    norms[adapter] = (key, norm)
-    return norm
+    if not CACHE_NORMS:
+        return _compute_norms([module], adapter)[0]
+    members = [(module, key)] + _stale_peers(module, adapter)
+    computed = _compute_norms([m for m, _ in members], adapter)
+    for i, (member, member_key) in enumerate(members):
+        member.__dict__.setdefault(_NORMS, {})[adapter] = (member_key, computed[i])
+    return computed[0]
 
 
 class _DuDeOutput(torch.autograd.Function):
@@ -255,17 +334,14 @@ class _DuDeOutput(torch.autograd.Function):
                 pre = torch.addmm(result2, h2, B.to(h.dtype).t(), alpha=scaling)
             else:
                 pre = result2.to(torch.float32, copy=True).addmm_(h2.float(), B.float().t(), alpha=scaling)
+            if bias is not None:  # `pre` is a fresh tensor: W x + s h B^T without the bias
+                pre.sub_(bias)
             out = torch.empty_like(result)
             if bias is None:
                 torch.mul(pre.view(result.shape), scale, out=out)
             else:
-                torch.addcmul(bias.float() * (1 - scale), pre.view(result.shape), scale, out=out)
-            pre_without_bias = None
-            if training and ctx.needs_input_grad[3]:
-                if bias is None:
-                    pre_without_bias = pre.to(result.dtype)
-                else:
-                    pre_without_bias = torch.sub(pre, bias, out=torch.empty_like(pre, dtype=result.dtype))
+                torch.addcmul(bias, pre.view(result.shape), scale, out=out)
+            pre_without_bias = pre.to(result.dtype) if training and ctx.needs_input_grad[3] else None
         ctx.save_for_backward(pre_without_bias, h, B, scale, norm)
         ctx.scaling = scaling
         ctx.dtypes = (result.dtype, magnitude.dtype)
@@ -283,13 +359,14 @@ class _DuDeOutput(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_result = torch.mul(grad_out, scale, out=torch.empty_like(grad_out, dtype=result_dtype))
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            row_factor = (scale * ctx.scaling).to(h.dtype)[:, None]  # d out / d (h B^T), per row
+            row_factor = (scale * ctx.scaling)[:, None]  # d out / d (h B^T), per row, float32
             grad_mm = grad2.to(h.dtype)
             if ctx.needs_input_grad[1]:
-                grad_h = (grad_mm @ (B.to(h.dtype) * row_factor)).view(h.shape)
+                scaled_B = torch.mul(B, row_factor, out=torch.empty(B.shape, dtype=h.dtype, device=B.device))
+                grad_h = (grad_mm @ scaled_B).view(h.shape)
             if ctx.needs_input_grad[2]:
                 h2 = h.reshape(-1, h.shape[-1])
-                grad_B = ((grad_mm.t() @ h2) * row_factor).to(B.dtype)
+                grad_B = torch.mul(grad_mm.t() @ h2, row_factor, out=torch.empty_like(B))
         grad_bias = None
         if ctx.needs_input_grad[6]:  # a trainable bias (`bias="all"`): d out / d bias = 1 - scale + scale (via result)
             grad_bias = (grad2.sum(dim=0, dtype=torch.float32) * (1 - scale)).to(ctx.bias_dtype)

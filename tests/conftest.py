@@ -57,6 +57,21 @@ def perturb_trainable_(model: torch.nn.Module, seed: int = 1, scale: float = 0.1
     return model.eval()
 
 
+def decaying_spectrum_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every Linear below the head a decaying spectrum, like pretrained weights (on a
+    random-init model the spectrum is flat and the top-r SVD removes little)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            out_f, in_f = module.weight.shape
+            k = min(out_f, in_f)
+            U, _ = torch.linalg.qr(torch.randn(out_f, k, generator=gen))
+            V, _ = torch.linalg.qr(torch.randn(in_f, k, generator=gen))
+            s = 2.0 * 0.75 ** torch.arange(k, dtype=torch.float32)
+            module.weight.data = (U * s) @ V.T
+    return model
+
+
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
@@ -67,5 +82,20 @@ def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny Qwen2 model + tokenizer, loadable by path like a hub checkpoint."""
     path = tmp_path_factory.mktemp("tiny-qwen2")
     make_qwen2().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def float_model() -> LlamaForCausalLM:
+    """A tiny Llama with decaying spectra (what QDuDe's SVD and quantization tests decompose)."""
+    return decaying_spectrum_(make_llama())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, float_model) -> str:
+    """`float_model` and the tokenizer saved, loadable by path (the full-precision checkpoint)."""
+    path = tmp_path_factory.mktemp("structured-llama")
+    float_model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return str(path)

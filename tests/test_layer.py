@@ -312,13 +312,13 @@ def test_saves_one_output_sized_tensor_for_backward():
 
 def _count_computations(monkeypatch) -> list:
     calls = []
-    original = layer_mod._compute_norm
+    original = layer_mod._compute_norms
 
-    def counting(module, adapter, A, B):
-        calls.append(module)
-        return original(module, adapter, A, B)
+    def counting(modules, adapter):
+        calls.extend(modules)
+        return original(modules, adapter)
 
-    monkeypatch.setattr(layer_mod, "_compute_norm", counting)
+    monkeypatch.setattr(layer_mod, "_compute_norms", counting)
     return calls
 
 
@@ -356,6 +356,76 @@ def test_cache_gives_identical_training_and_one_norm_per_step(monkeypatch, use_c
     assert cached.keys() == uncached.keys()
     for name in cached:
         assert torch.equal(cached[name], uncached[name]), name
+
+
+class Stack(nn.Module):
+    """Four same-shape projections (as a transformer's q_proj in every layer), then a fifth of another shape."""
+
+    def __init__(self, width=48, depth=4, dtype=torch.float32):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width, dtype=dtype) for _ in range(depth))
+        self.head = nn.Linear(width, 24, dtype=dtype)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_shape_layers_share_one_norm_computation(monkeypatch, dtype):
+    """A model's layers of one shape compute their norms in one batched call at the first of their
+    forwards after an optimizer step; each equals the direct norm, the cancellation guard included
+    (a short row in one layer of the batch), and the training equals the unbatched one bit for bit."""
+    config = DuDeConfig(r=4, lora_alpha=8, target_modules=["blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"])
+    model = get_dude_model(Stack(dtype=dtype), config, progress=False)
+    _perturb_(model)
+    block = model.base_model.model.blocks[2]
+    _, delta = _dense(block)
+    with torch.no_grad():
+        block.get_base_layer().weight[5] = (-0.97 * delta[5]).to(dtype)  # ratio about 5e-4: guarded
+    unbatched = copy.deepcopy(model)
+    calls = []
+    original = layer_mod._compute_norms
+    monkeypatch.setattr(layer_mod, "_compute_norms", lambda modules, adapter: calls.append(modules) or original(modules, adapter))
+    model(_x(dtype=dtype))
+    assert sorted(len(c) for c in calls) == [1, 4]  # the four blocks together, the head alone
+    rtol = 1e-5
+    for layer in _layers(model):
+        torch.testing.assert_close(dude_weight_norm(layer, ADAPTER).double(), _direct_norm(layer), rtol=rtol, atol=0)
+    assert len(calls) == 2  # the norms above were cached
+
+    def train(m, batched):
+        monkeypatch.setattr(layer_mod, "_batch_key", layer_mod._batch_key if batched else lambda *a: None)
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(3):
+            m(_x(seed=step, dtype=dtype)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+
+    batched_key = layer_mod._batch_key
+    calls.clear()
+    trained = train(model, batched=True)
+    assert sorted(len(c) for c in calls) == [1, 1, 4, 4]  # the first step reuses the norms above
+    monkeypatch.setattr(layer_mod, "_batch_key", batched_key)
+    reference = train(unbatched, batched=False)
+    for name, value in trained.items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_a_deep_copy_batches_its_own_layers(monkeypatch):
+    """TRL's reference model is a deep copy: its layers compute their norms among themselves."""
+    config = DuDeConfig(r=4, lora_alpha=8, target_modules=["blocks.0", "blocks.1", "blocks.2", "blocks.3"])
+    model = get_dude_model(Stack(), config, progress=False)
+    copied = copy.deepcopy(model)
+    calls = []
+    original = layer_mod._compute_norms
+    monkeypatch.setattr(layer_mod, "_compute_norms", lambda modules, adapter: calls.append(modules) or original(modules, adapter))
+    copied(_x())
+    assert len(calls) == 1 and {id(m) for m in calls[0]} == {id(m) for m in _layers(copied)}
+    model(_x())
+    assert len(calls) == 2 and {id(m) for m in calls[1]} == {id(m) for m in _layers(model)}
 
 
 def test_cache_invalidated_by_optimizer_step_writing_through_data():
@@ -597,8 +667,8 @@ engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, confi
 ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
 ref.train(), engine.train()
 computations = []
-original = layer_mod._compute_norm
-layer_mod._compute_norm = lambda *a: (computations.append(1), original(*a))[1]
+original = layer_mod._compute_norms
+layer_mod._compute_norms = lambda modules, adapter: (computations.extend(modules), original(modules, adapter))[1]
 for step in range(4):
     if step == 1 and rank == 0:
         layer_mod.invalidate_norm_caches(model)  # a miss on one rank only must not deadlock

@@ -19,10 +19,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AwqConfig, BitsAndBytesConfig, GPTQConfig
 from trl import SFTConfig
 
-from conftest import make_llama, make_qwen2, make_tokenizer, perturb_trainable_
+from _qdude_reference import init_errors, lora_layers, reference_model
+from conftest import decaying_spectrum_, make_qwen2, make_tokenizer, perturb_trainable_
 from dude_trl import DuDeConfig, DuDeSFTTrainer
 from dude_trl.bases.bnb import check_quantized_model, merge_and_dequantize, validate_quantization_config
-from dude_trl.bases.bnb_storage import QuantSpec, dequantized_weight, is_bnb_layer
+from dude_trl.bases.bnb_storage import QuantSpec, dequantized_weight, is_bnb_layer, prepare_bnb_layers_
 from dude_trl.checkpoint import CheckpointWeights
 from dude_trl.model import get_dude_model
 from dude_trl.svd import fit_factors
@@ -43,33 +44,6 @@ SVD_METHODS = ["dude", "dude_a", "dude_b", "pissa"]
 ATOL = 1e-5  # float32 logits of the tiny models are O(0.1-1)
 
 
-def _structure_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every Linear below the head a decaying spectrum, like pretrained weights."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and "lm_head" not in name:
-            out_f, in_f = module.weight.shape
-            k = min(out_f, in_f)
-            U, _ = torch.linalg.qr(torch.randn(out_f, k, generator=gen))
-            V, _ = torch.linalg.qr(torch.randn(in_f, k, generator=gen))
-            s = 2.0 * 0.75 ** torch.arange(k, dtype=torch.float32)
-            module.weight.data = (U * s) @ V.T
-    return model
-
-
-@pytest.fixture(scope="module")
-def float_model() -> nn.Module:
-    return _structure_(make_llama())
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, float_model) -> str:
-    path = tmp_path_factory.mktemp("structured-llama")
-    float_model.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def _config(method: str = "dude", **kw) -> DuDeConfig:
     return DuDeConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, method=method, **kw)
 
@@ -77,45 +51,6 @@ def _config(method: str = "dude", **kw) -> DuDeConfig:
 def _qdude(source, method: str = "dude", quant: str = "nf4", **config_kw):
     """get_dude_model on a bitsandbytes base, the public entry point."""
     return get_dude_model(source, _config(method, **config_kw), quantization_config=QUANT[quant](), progress=False)
-
-
-def _lora_layers(model) -> dict[str, LoraLayer]:
-    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
-
-
-def _errors(peft_model, float_model) -> list[tuple[float, float]]:
-    """Per target: (||W0 - (deq(W_res) + s*B@A)||_F, ||W0 - deq(q(W0))||_F)."""
-    out = []
-    for name, layer in _lora_layers(peft_model).items():
-        W0 = float_model.get_submodule(name).weight.detach()
-        base = layer.get_base_layer()
-        effective = dequantized_weight(base) + layer.scaling["default"] * (
-            layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-        )
-        plain = QuantSpec.from_layer(base).roundtrip(W0)
-        out.append(((W0 - effective).norm().item(), (W0 - plain).norm().item()))
-    return out
-
-
-def _reference_model(float_model: nn.Module, peft_model) -> nn.Module:
-    """A float copy computing what the quantized model claims at init: every quantized Linear
-    holds deq(W), every adapted one deq(W_res) + s*B@A."""
-    ref = copy.deepcopy(float_model)
-    with torch.no_grad():
-        for name, module in peft_model.get_base_model().named_modules():
-            if name.endswith(".base_layer"):
-                continue
-            if isinstance(module, LoraLayer):
-                weight = dequantized_weight(module.get_base_layer())
-                for adapter in module.active_adapters:
-                    delta = module.lora_B[adapter].weight @ module.lora_A[adapter].weight
-                    weight = weight + module.scaling[adapter] * delta
-            elif is_bnb_layer(module):
-                weight = dequantized_weight(module)
-            else:
-                continue
-            ref.get_submodule(name).weight.copy_(weight)
-    return ref
 
 
 def _logits(model, ids: torch.Tensor, train_mode: bool) -> torch.Tensor:
@@ -142,14 +77,14 @@ def test_init_error_below_plain_quantization(model_dir, float_model, quant, meth
     """The split only moves singular values between A and B: s*B@A, hence the error, is the same
     for every SVD method."""
     model = _qdude(model_dir, method, quant)
-    errors = _errors(model, float_model)
+    errors = init_errors(model, float_model)
     assert len(errors) == 4
     for dude_err, plain_err in errors:
         assert dude_err < plain_err
     mean_ratio = sum(d / p for d, p in errors) / len(errors)
     assert mean_ratio < 0.85, f"QDuDe error only {100 * (1 - mean_ratio):.1f}% below plain {quant}"
     # A, B stay float32 (the principal components are never quantized).
-    for layer in _lora_layers(model).values():
+    for layer in lora_layers(model).values():
         assert layer.lora_A["default"].weight.dtype == torch.float32
         assert is_bnb_layer(layer.get_base_layer())
 
@@ -165,15 +100,15 @@ SLOW = pytest.mark.slow
 )
 def test_output_at_init_equals_dequantized_residual_plus_factors(model_dir, float_model, quant, method):
     model = _qdude(model_dir, method, quant)
-    ref = _reference_model(float_model, model)
+    ref = reference_model(float_model, model)
     train_mode = quant == "int8"
     torch.testing.assert_close(_logits(model, IDS, train_mode), _logits(ref, IDS, train_mode), atol=ATOL, rtol=0)
     if method in ("dude", "dude_a", "dude_b", "dora"):
-        layer = next(iter(_lora_layers(model).values()))
+        layer = next(iter(lora_layers(model).values()))
         assert isinstance(layer.lora_variant["default"], DuDeLinearVariant)
     # The magnitude is the row norm of deq(W_res) + s*B@A, so the DuDe scale is 1 at init.
     if method != "lora" and method != "pissa":
-        for layer in _lora_layers(model).values():
+        for layer in lora_layers(model).values():
             merged = dequantized_weight(layer.get_base_layer()) + layer.scaling["default"] * (
                 layer.lora_B["default"].weight @ layer.lora_A["default"].weight
             )
@@ -184,22 +119,22 @@ def test_output_at_init_equals_dequantized_residual_plus_factors(model_dir, floa
 
 def test_output_at_init_with_bias_and_eval_mode(tmp_path):
     """Qwen2 has biases on q/v (the bias path of the DuDe forward); 4-bit is exact in eval mode too."""
-    fm = _structure_(make_qwen2(), seed=1)
+    fm = decaying_spectrum_(make_qwen2(), seed=1)
     fm.save_pretrained(tmp_path)
     model = _qdude(str(tmp_path))
-    ref = _reference_model(fm, model)
+    ref = reference_model(fm, model)
     torch.testing.assert_close(_logits(model, IDS, False), _logits(ref, IDS, False), atol=ATOL, rtol=0)
 
 
 def test_quant_iters_lowers_error_and_stores_the_matching_residual(model_dir, float_model):
     plain = _qdude(model_dir)
     refined = _qdude(model_dir, quant_iters=4)
-    before, after = _errors(plain, float_model), _errors(refined, float_model)
+    before, after = init_errors(plain, float_model), init_errors(refined, float_model)
     for (b, _), (a, _) in zip(before, after):
         assert a <= b + 1e-7
     assert sum(a for a, _ in after) < 0.97 * sum(b for b, _ in before)
     # The stored residual is exactly q(W0 - s*B@A) for the stored A, B (what an exact reload rebuilds).
-    for name, layer in _lora_layers(refined).items():
+    for name, layer in lora_layers(refined).items():
         base = layer.get_base_layer()
         W0 = float_model.get_submodule(name).weight.detach()
         residual = W0 - layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
@@ -223,7 +158,7 @@ def test_fit_factors_keeps_svd_identity():
 def test_full_precision_model_object_is_quantized_like_its_path(model_dir, float_model):
     from_path = _qdude(model_dir)
     from_object = _qdude(copy.deepcopy(float_model))
-    for (name, a), (_, b) in zip(_lora_layers(from_path).items(), _lora_layers(from_object).items()):
+    for (name, a), (_, b) in zip(lora_layers(from_path).items(), lora_layers(from_object).items()):
         assert torch.equal(a.lora_A["default"].weight, b.lora_A["default"].weight), name
         assert torch.equal(a.get_base_layer().weight.data, b.get_base_layer().weight.data), name
 
@@ -234,7 +169,7 @@ def test_already_quantized_model_is_decomposed_with_a_note(model_dir, float_mode
     with caplog.at_level(logging.WARNING, logger="dude_trl.bases.bnb"):
         model = get_dude_model(quantized, _config("dude"), progress=False)
     assert "more accurate" in caplog.text
-    layer = _lora_layers(model)["model.layers.0.self_attn.q_proj"]
+    layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
     # Decomposed from deq(q(W0)), re-quantizing the residual adds a second rounding: the error
     # against the true W0 stays of the order of plain quantization's (loading from full precision
     # is what makes it lower, hence the note).
@@ -244,7 +179,7 @@ def test_already_quantized_model_is_decomposed_with_a_note(model_dir, float_mode
     W0 = float_model.get_submodule("model.layers.0.self_attn.q_proj").weight.detach()
     plain = (W0 - W0_deq["model.layers.0.self_attn.q_proj"]).norm()
     assert (W0 - effective).norm() < 1.25 * plain
-    ref = _reference_model(float_model, model)
+    ref = reference_model(float_model, model)
     torch.testing.assert_close(_logits(model, IDS, False), _logits(ref, IDS, False), atol=ATOL, rtol=0)
 
 
@@ -252,7 +187,7 @@ def test_get_dude_model_routes_an_already_quantized_model(model_dir):
     """No quantization_config needed for a model that is already bitsandbytes-quantized."""
     quantized = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=QUANT["int8"](), dtype=FP32)
     model = get_dude_model(quantized, _config("dude_b"), progress=False)
-    layer = _lora_layers(model)["model.layers.1.self_attn.v_proj"]
+    layer = lora_layers(model)["model.layers.1.self_attn.v_proj"]
     assert is_bnb_layer(layer.get_base_layer()) and "default" in layer.lora_dude_init_A
     assert losses_fall(model)
 
@@ -265,11 +200,11 @@ def test_bf16_double_quant_base_trains(model_dir, float_model):
     )
     config = _config("dude", quant_iters=1)
     model = get_dude_model(model_dir, config, quantization_config=bnb, dtype=BF16, progress=False)
-    for name, layer in _lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         base = layer.get_base_layer()
         assert base.weight.quant_state.dtype == torch.bfloat16 and base.weight.quant_state.nested
         assert layer.lora_A["default"].weight.dtype == torch.float32
-    for dude_err, plain_err in _errors(model, float_model):
+    for dude_err, plain_err in init_errors(model, float_model):
         assert dude_err < plain_err
     assert losses_fall(model)
 
@@ -290,7 +225,7 @@ def test_sharded_checkpoint_is_read_in_full_precision(tmp_path, float_model):
     weights = CheckpointWeights.from_pretrained(str(tmp_path))
     assert len(set(weights.key_to_file.values())) > 1
     model = _qdude(str(tmp_path))
-    for dude_err, plain_err in _errors(model, float_model):
+    for dude_err, plain_err in init_errors(model, float_model):
         assert dude_err < plain_err
 
 
@@ -400,7 +335,7 @@ def test_saved_adapter_holds_factors_that_rebuild_the_residual(model_dir, float_
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys()}
-    for name, layer in _lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         prefix = f"base_model.model.{name}."
         for key in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_dude_init_A", "lora_dude_init_B"):
             assert any(k.startswith(prefix + key) for k in saved), prefix + key
@@ -424,7 +359,7 @@ def test_trained_adapter_reloads_onto_a_fresh_quantized_base(model_dir, tmp_path
     expected = _logits(model, IDS, train_mode=True)
     model.save_pretrained(tmp_path)
     reloaded = load_dude_model(model_dir, tmp_path, quantization_config=QUANT[quant](), progress=False)
-    for (name, a), (_, b) in zip(_lora_layers(model).items(), _lora_layers(reloaded).items()):
+    for (name, a), (_, b) in zip(lora_layers(model).items(), lora_layers(reloaded).items()):
         assert torch.equal(a.get_base_layer().weight.data, b.get_base_layer().weight.data), name
     torch.testing.assert_close(_logits(reloaded, IDS, train_mode=True), expected, atol=ATOL, rtol=0)
 
@@ -473,9 +408,9 @@ def test_trainer_loads_quantized_and_trains_with_gradient_checkpointing(model_di
     assert getattr(model, "is_loaded_in_4bit", False)
     assert model.peft_config["default"].base_quantization == {"bits": 4, "quant_type": "nf4", "double_quant": False}
     # W0 came from the checkpoint in full precision; A, B stay float32 despite TRL's QLoRA bf16 cast.
-    for dude_err, plain_err in _errors(model, float_model):
+    for dude_err, plain_err in init_errors(model, float_model):
         assert dude_err < plain_err
-    for layer in _lora_layers(model).values():
+    for layer in lora_layers(model).values():
         assert layer.lora_A["default"].weight.dtype == torch.float32
         assert isinstance(layer.lora_variant["default"], DuDeLinearVariant)
     trainer.train()
@@ -491,7 +426,12 @@ def test_trainer_loads_quantized_and_trains_with_gradient_checkpointing(model_di
 
 
 def _plain_quantized(model_dir: str, quant: str) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=QUANT[quant](), dtype=FP32)
+    """Plain bitsandbytes quantization of the checkpoint, computing exactly with deq(W) on CPU as
+    the QDuDe layers do (bitsandbytes' AVX512-BF16 repacking rounds the scales and fails for
+    ``in_features < blocksize``)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=QUANT[quant](), dtype=FP32)
+    prepare_bnb_layers_(model)
+    return model
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
@@ -499,7 +439,7 @@ def test_disable_adapter_on_a_quantized_base_gives_residual_plus_principal_part(
     """With the adapter disabled, a QDuDe layer computes deq(q(W_res)) x + s B0 A0 x: the model
     QDuDe's initialisation built, closer to the full-precision W0 than plain deq(q(W0))."""
     model = _qdude(model_dir, quant=quant)
-    at_init = _reference_model(float_model, model)
+    at_init = reference_model(float_model, model)
     perturb_trainable_(model)
     train_mode = quant == "int8"
     with model.disable_adapter():
