@@ -24,7 +24,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import DuDeConfig
-from .variant import DuDeLinearVariant, install_cache_invalidation, link_norm_peers_
+from .norms import install_cache_invalidation, link_norm_peers_
+from .variant import DuDeLinearVariant
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from .distributed import svd_init_layers_
 from .layer_init import record_base_fingerprints_
 from .layers import check_dude_layers, dude_layers, inject_adapter, install_dude_variant_, untie_shared_weights_
 from .saving import load_dude_model
-from .variant import invalidate_norm_caches
+from .norms import invalidate_norm_caches
 
 
 def initialize_dude_(

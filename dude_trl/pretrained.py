@@ -33,7 +33,7 @@ from torch import nn
 from .bases.bnb_storage import is_bnb_layer, set_quantized_weight_
 from .bases.full import stored_weight, write_weight
 from .layers import FINGERPRINT, INIT_A, INIT_B, held_buffer, principal_part, residual_owner
-from .variant import invalidate_norm_caches
+from .norms import invalidate_norm_caches
 
 
 def owner_in_output(module: LoraLayer, owner: str) -> bool:

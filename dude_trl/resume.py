@@ -28,7 +28,7 @@ from .saving import (
     rebuild_residual_,
     safetensors_problem,
 )
-from .variant import invalidate_norm_caches
+from .norms import invalidate_norm_caches
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from .layers import (
     untie_shared_weights_,
 )
 from .pretrained import install_pretrained_view_
-from .variant import invalidate_norm_caches
+from .norms import invalidate_norm_caches
 
 logger = logging.getLogger(__name__)
 

@@ -115,9 +115,9 @@ def test_init_on_device_keeps_output_and_the_pretrained_view(method, svd_niter):
     assert layer.lora_A["default"].weight.device.type == torch.device(DEVICE).type
     with torch.no_grad():
         assert rel_error(model(ids).logits, expected) < FP32_RTOL
-        perturb = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        for p in perturb.values():
-            p.add_(0.1 * torch.randn_like(p))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
         with model.disable_adapter():
             assert rel_error(model(ids).logits, expected) < FP32_RTOL
 
@@ -220,7 +220,7 @@ def test_norm_is_computed_once_per_layer_and_step_with_checkpointing(model_dir, 
     """The detached norm is the step's one extra pass over a layer: with gradient checkpointing
     (forward twice) and bf16 autocast, each layer computes it once per optimizer step, on a bf16
     and on a 4-bit base alike (a cache miss would cost a pass and, on 4-bit, a host sync per forward)."""
-    import dude_trl.variant as variant
+    import dude_trl.norms as norms
 
     if base == "bf16":
         model = get_dude_model(decaying_spectrum_(make_llama()).to(DEVICE, torch.bfloat16), config(), progress=False)
@@ -228,8 +228,8 @@ def test_norm_is_computed_once_per_layer_and_step_with_checkpointing(model_dir, 
         model = get_dude_model(model_dir, config(), quantization_config=nf4(torch.bfloat16), progress=False,
                                device_map={"": DEVICE}, dtype=torch.bfloat16)
     calls = []
-    compute = variant._compute_norms
-    monkeypatch.setattr(variant, "_compute_norms", lambda modules, adapter: calls.extend(modules) or compute(modules, adapter))
+    compute = norms._compute_norms
+    monkeypatch.setattr(norms, "_compute_norms", lambda modules, adapter: calls.extend(modules) or compute(modules, adapter))
     model.train()
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

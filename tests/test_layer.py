@@ -1,5 +1,6 @@
-"""The fast DuDe forward (dude_trl/variant.py): the expanded row norm, its per-step cache, the
-fused row scaling, dropout, merge/unmerge and equivalence with PEFT's DoRA.
+"""The fast DuDe forward (dude_trl/variant.py) and its row norm (dude_trl/norms.py): the
+expanded norm, its per-step cache and batching, the fused row scaling, dropout, merge/unmerge
+and equivalence with PEFT's DoRA.
 
 The reference everywhere is the direct formula on the full matrix,
 ``y = m / ||W + s B A||_row * (W x + s B A dropout(x)) + bias`` with the norm detached.
@@ -21,10 +22,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import dude_trl.variant as layer_mod
+import dude_trl.norms as norms_mod
 from conftest import make_qwen2
 from dude_trl import DuDeConfig, get_dude_model
-from dude_trl.variant import DuDeLinearVariant, dude_weight_norm, invalidate_norm_caches
+from dude_trl.norms import dude_weight_norm, invalidate_norm_caches
+from dude_trl.variant import DuDeLinearVariant
 
 ADAPTER = "default"
 
@@ -116,7 +118,7 @@ def test_fast_norm_matches_direct_bf16_base(monkeypatch, adapter_dtype):
     """bf16 residual (PEFT keeps the adapters in fp32 by default). The expansion upcasts W to
     fp32 in row chunks (forced small here), so it stays within fp32 rounding of the exact
     norm of the stored bf16 numbers: relative 1e-5."""
-    monkeypatch.setattr(layer_mod, "_CHUNK_ELEMENTS", 48 * 7)  # several chunks, a ragged last one
+    monkeypatch.setattr(norms_mod, "_CHUNK_ELEMENTS", 48 * 7)  # several chunks, a ragged last one
     model = _dude(TwoLayer(dtype=torch.bfloat16))
     for layer in _layers(model):
         layer.lora_A.to(adapter_dtype), layer.lora_B.to(adapter_dtype)
@@ -149,7 +151,7 @@ def test_cancellation_guard_recomputes_short_rows(monkeypatch):
     assert norm[12] > 0 and torch.isfinite(norm).all()
 
     # Without the guard the same rows are far off: the check above would catch its removal.
-    monkeypatch.setattr(layer_mod, "CANCELLATION_RATIO", 0.0)
+    monkeypatch.setattr(norms_mod, "CANCELLATION_RATIO", 0.0)
     invalidate_norm_caches(model)
     unguarded = dude_weight_norm(layer, ADAPTER).double()
     assert ((unguarded[3:9] - expected[3:9]).abs() / expected[3:9]).max() > 1e-3
@@ -174,7 +176,7 @@ def test_quantized_base_norm_without_dequantizing_per_step(tmp_path, monkeypatch
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer.get_base_layer()).__module__.startswith("bitsandbytes")
     dequantized = []
-    monkeypatch.setattr(layer_mod, "dequantize_module_weight", lambda m: dequantized.append(m) or dequantize_module_weight(m))
+    monkeypatch.setattr(norms_mod, "dequantize_module_weight", lambda m: dequantized.append(m) or dequantize_module_weight(m))
     for step in range(3):
         with torch.no_grad():
             layer.lora_B[ADAPTER].weight.mul_(1.3)
@@ -312,13 +314,13 @@ def test_saves_one_output_sized_tensor_for_backward():
 
 def _count_computations(monkeypatch) -> list:
     calls = []
-    original = layer_mod._compute_norms
+    original = norms_mod._compute_norms
 
     def counting(modules, adapter):
         calls.extend(modules)
         return original(modules, adapter)
 
-    monkeypatch.setattr(layer_mod, "_compute_norms", counting)
+    monkeypatch.setattr(norms_mod, "_compute_norms", counting)
     return calls
 
 
@@ -349,7 +351,7 @@ def test_cache_gives_identical_training_and_one_norm_per_step(monkeypatch, use_c
     cached = _train(cached_model, steps=3, accumulation=4, use_checkpoint=use_checkpoint)
     assert len(calls) == 3 * len(_layers(cached_model))
 
-    monkeypatch.setattr(layer_mod, "CACHE_NORMS", False)
+    monkeypatch.setattr(norms_mod, "CACHE_NORMS", False)
     uncached = _train(uncached_model, steps=3, accumulation=4, use_checkpoint=use_checkpoint)
     forwards = 2 if use_checkpoint is not None else 1
     assert len(calls) == 3 * len(_layers(cached_model)) * (1 + 4 * forwards)
@@ -386,8 +388,8 @@ def test_same_shape_layers_share_one_norm_computation(monkeypatch, dtype):
         block.get_base_layer().weight[5] = (-0.97 * delta[5]).to(dtype)  # ratio about 5e-4: guarded
     unbatched = copy.deepcopy(model)
     calls = []
-    original = layer_mod._compute_norms
-    monkeypatch.setattr(layer_mod, "_compute_norms", lambda modules, adapter: calls.append(modules) or original(modules, adapter))
+    original = norms_mod._compute_norms
+    monkeypatch.setattr(norms_mod, "_compute_norms", lambda modules, adapter: calls.append(modules) or original(modules, adapter))
     model(_x(dtype=dtype))
     assert sorted(len(c) for c in calls) == [1, 4]  # the four blocks together, the head alone
     rtol = 1e-5
@@ -396,7 +398,7 @@ def test_same_shape_layers_share_one_norm_computation(monkeypatch, dtype):
     assert len(calls) == 2  # the norms above were cached
 
     def train(m, batched):
-        monkeypatch.setattr(layer_mod, "_batch_key", layer_mod._batch_key if batched else lambda *a: None)
+        monkeypatch.setattr(norms_mod, "_batch_key", norms_mod._batch_key if batched else lambda *a: None)
         opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         for step in range(3):
             m(_x(seed=step, dtype=dtype)).float().square().mean().backward()
@@ -404,28 +406,39 @@ def test_same_shape_layers_share_one_norm_computation(monkeypatch, dtype):
             opt.zero_grad()
         return {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
 
-    batched_key = layer_mod._batch_key
+    batched_key = norms_mod._batch_key
     calls.clear()
     trained = train(model, batched=True)
     assert sorted(len(c) for c in calls) == [1, 1, 4, 4]  # the first step reuses the norms above
-    monkeypatch.setattr(layer_mod, "_batch_key", batched_key)
+    monkeypatch.setattr(norms_mod, "_batch_key", batched_key)
     reference = train(unbatched, batched=False)
     for name, value in trained.items():
         assert torch.equal(value, reference[name]), name
 
 
-def test_a_deep_copy_batches_its_own_layers(monkeypatch):
-    """TRL's reference model is a deep copy: its layers compute their norms among themselves."""
+def test_a_copy_batches_its_own_layers(monkeypatch):
+    """TRL's reference model is a deep copy, and models get pickled: a copy's layers compute their
+    norms among themselves (alone at first, together once each has joined), never with the
+    original's; copying one layer does not copy the others."""
+    import pickle
+
     config = DuDeConfig(r=4, lora_alpha=8, target_modules=["blocks.0", "blocks.1", "blocks.2", "blocks.3"])
     model = get_dude_model(Stack(), config, progress=False)
-    copied = copy.deepcopy(model)
     calls = []
-    original = layer_mod._compute_norms
-    monkeypatch.setattr(layer_mod, "_compute_norms", lambda modules, adapter: calls.append(modules) or original(modules, adapter))
-    copied(_x())
-    assert len(calls) == 1 and {id(m) for m in calls[0]} == {id(m) for m in _layers(copied)}
+    original = norms_mod._compute_norms
+    monkeypatch.setattr(norms_mod, "_compute_norms", lambda modules, adapter: calls.append(modules) or original(modules, adapter))
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        calls.clear()
+        copied(_x())
+        assert [len(c) for c in calls] == [1, 1, 1, 1]
+        norms_mod.invalidate_norm_caches(copied)
+        copied(_x())
+        assert len(calls) == 5 and {id(m) for m in calls[4]} == {id(m) for m in _layers(copied)}
+    calls.clear()
     model(_x())
-    assert len(calls) == 2 and {id(m) for m in calls[1]} == {id(m) for m in _layers(model)}
+    assert len(calls) == 1 and {id(m) for m in calls[0]} == {id(m) for m in _layers(model)}
+    layer = copy.deepcopy(model.base_model.model.blocks[0])
+    assert layer.__dict__["_dude_norm_peers"][ADAPTER].modules == []
 
 
 def test_cache_invalidated_by_optimizer_step_writing_through_data():
@@ -643,7 +656,7 @@ import copy, os, sys
 sys.path.insert(0, sys.argv[1])  # tests/ (conftest helpers)
 import torch
 import deepspeed
-import dude_trl.variant as layer_mod
+import dude_trl.norms as norms_mod
 from conftest import make_qwen2
 from dude_trl import DuDeConfig, get_dude_model
 
@@ -667,18 +680,18 @@ engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, confi
 ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
 ref.train(), engine.train()
 computations = []
-original = layer_mod._compute_norms
-layer_mod._compute_norms = lambda modules, adapter: (computations.extend(modules), original(modules, adapter))[1]
+original = norms_mod._compute_norms
+norms_mod._compute_norms = lambda modules, adapter: (computations.extend(modules), original(modules, adapter))[1]
 for step in range(4):
     if step == 1 and rank == 0:
-        layer_mod.invalidate_norm_caches(model)  # a miss on one rank only must not deadlock
+        norms_mod.invalidate_norm_caches(model)  # a miss on one rank only must not deadlock
     if step == 2:  # the frozen residual rewritten through .data under ZeRO-3, then an explicit invalidation
         for net in (ref, engine.module):
             W = net.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
             with deepspeed.zero.GatheredParameters([W], modifier_rank=0, enabled=hasattr(W, "ds_id")):
                 W.data.mul_(0.5)
-        layer_mod.invalidate_norm_caches()
-    layer_mod.CACHE_NORMS = False
+        norms_mod.invalidate_norm_caches()
+    norms_mod.CACHE_NORMS = False
     ref_losses = []
     for ids in batches:
         loss = ref(ids, labels=ids).loss
@@ -686,7 +699,7 @@ for step in range(4):
         ref_losses.append(loss.item())
     ref_opt.step()
     ref_opt.zero_grad()
-    layer_mod.CACHE_NORMS = True
+    norms_mod.CACHE_NORMS = True
     before = len(computations)
     losses = []
     for ids in batches:

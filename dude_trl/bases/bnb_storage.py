@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import BitsAndBytesConfig
 
-from ..variant import is_quantized_layer
+from ..norms import is_quantized_layer
 
 
 def bnb():

@@ -37,7 +37,7 @@ from ..bases import base_for
 from ..config import DuDeConfig
 from ..layers import FINGERPRINT, INIT_A, INIT_B, dude_layers
 from ..saving import SAFE_WEIGHTS_NAME
-from ..variant import is_quantized_layer
+from ..norms import is_quantized_layer
 
 logger = logging.getLogger(__name__)
 
