@@ -33,8 +33,8 @@ from .config import DuDeConfig
 from .distributed import svd_init_layers_
 from .layer_init import record_base_fingerprints_
 from .layers import check_dude_layers, dude_layers, inject_adapter, install_dude_variant_, untie_shared_weights_
-from .saving import load_dude_model
 from .norms import invalidate_norm_caches
+from .saving import load_dude_model
 
 
 def initialize_dude_(

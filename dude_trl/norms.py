@@ -283,8 +283,8 @@ def _stale_peers(module: nn.Module, adapter: str) -> list[tuple[nn.Module, tuple
     peers.join(module)
     stale = []
     for peer in peers.modules:
-        if peer is module or _batch_key(peer, adapter) != batch_key:
-            continue
+        if peer is module or adapter not in peer.lora_A or _batch_key(peer, adapter) != batch_key:
+            continue  # (an adapter deleted from a layer leaves the layer in the list)
         key = _norm_key(peer.lora_A[adapter].weight, peer.lora_B[adapter].weight, innermost_base_layer(peer).weight,
                         peer.scaling[adapter])
         cached = peer.__dict__.get(_NORMS, {}).get(adapter)
@@ -301,12 +301,14 @@ def innermost_base_layer(module: nn.Module) -> nn.Module:
     return base
 
 
-def dude_weight_norm(module: nn.Module, adapter: str) -> torch.Tensor:
+def dude_weight_norm(module: nn.Module, adapter: str, base_layer: Optional[nn.Module] = None) -> torch.Tensor:
     """Detached row norms ``||W + s B A||_row`` (float32, shape ``out``), cached until an
     optimizer step, a change of A, B, the residual or the scaling, or a state-dict load; a miss
-    computes the norms of the model's other stale layers of the same shape with it."""
+    computes the norms of the model's other stale layers of the same shape with it.
+    `base_layer` is `module`'s innermost base layer, when the caller already has it."""
     A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    key = _norm_key(A, B, innermost_base_layer(module).weight, module.scaling[adapter])
+    weight = (base_layer if base_layer is not None else innermost_base_layer(module)).weight
+    key = _norm_key(A, B, weight, module.scaling[adapter])
     norms = module.__dict__.get(_NORMS)
     if norms is None:
         norms = module.__dict__[_NORMS] = {}

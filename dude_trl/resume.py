@@ -20,6 +20,7 @@ from peft import PeftModel
 from .bases import base_for
 from .config import DuDeConfig
 from .layers import FINGERPRINT, INIT_A, INIT_B, dude_layers
+from .norms import invalidate_norm_caches
 from .saving import (
     SAFE_WEIGHTS_NAME,
     check_adapter_fits,
@@ -28,7 +29,6 @@ from .saving import (
     rebuild_residual_,
     safetensors_problem,
 )
-from .norms import invalidate_norm_caches
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from .layers import (
     register_init_factors,
     untie_shared_weights_,
 )
-from .pretrained import install_pretrained_view_
 from .norms import invalidate_norm_caches
+from .pretrained import install_pretrained_view_
 
 logger = logging.getLogger(__name__)
 

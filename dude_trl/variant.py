@@ -44,14 +44,16 @@ class _DuDeOutput(torch.autograd.Function):
                 pre = torch.addmm(result2, h2, B.to(h.dtype).t(), alpha=scaling)
             else:
                 pre = result2.to(torch.float32, copy=True).addmm_(h2.float(), B.float().t(), alpha=scaling)
-            if bias is not None:  # `pre` is a fresh tensor: W x + s h B^T without the bias
-                pre.sub_(bias)
+            save_pre = training and ctx.needs_input_grad[3]
             out = torch.empty_like(result)
             if bias is None:
                 torch.mul(pre.view(result.shape), scale, out=out)
-            else:
+            elif save_pre:  # the magnitude gradient needs W x + s h B^T without the bias: `pre` is ours
+                pre.sub_(bias)
                 torch.addcmul(bias, pre.view(result.shape), scale, out=out)
-            pre_without_bias = pre.to(result.dtype) if training and ctx.needs_input_grad[3] else None
+            else:  # inference: one pass over the output
+                torch.addcmul(bias * (1 - scale), pre.view(result.shape), scale, out=out)
+            pre_without_bias = pre.to(result.dtype) if save_pre else None
         ctx.save_for_backward(pre_without_bias, h, B, scale, norm)
         ctx.scaling = scaling
         ctx.dtypes = (result.dtype, magnitude.dtype)
@@ -167,7 +169,7 @@ class DuDeLinearVariant(DoraLinearVariant):
         **kwargs: Any,
     ) -> torch.Tensor:
         base_layer = innermost_base_layer(module)
-        norm = dude_weight_norm(module, active_adapter)
+        norm = dude_weight_norm(module, active_adapter, base_layer)
         h = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
         return _DuDeOutput.apply(
             result,

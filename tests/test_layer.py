@@ -208,6 +208,8 @@ def test_forward_and_gradients_match_direct_formula(bias):
     x_ref = x.detach().clone().requires_grad_()
     ref = _direct_forward(layer, x_ref)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # inference takes its own path (no tensor saved for the magnitude gradient)
+        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=0)
 
     g = torch.randn_like(ours)
     params = [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.lora_magnitude_vector[ADAPTER].weight]

@@ -36,8 +36,8 @@ from transformers import PreTrainedModel
 from ..bases import base_for
 from ..config import DuDeConfig
 from ..layers import FINGERPRINT, INIT_A, INIT_B, dude_layers
-from ..saving import SAFE_WEIGHTS_NAME
 from ..norms import is_quantized_layer
+from ..saving import SAFE_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
