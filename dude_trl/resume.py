@@ -21,6 +21,7 @@ from .bases import base_for
 from .config import DuDeConfig
 from .layers import FINGERPRINT, INIT_A, INIT_B, dude_layers
 from .norms import invalidate_norm_caches
+from .run_record import TRAINER_STATE_NAME
 from .saving import (
     SAFE_WEIGHTS_NAME,
     check_adapter_fits,
@@ -32,7 +33,6 @@ from .saving import (
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE_NAME = "trainer_state.json"
 # Fields that fix the adapter's shapes and scalings: a checkpoint and the trainer resuming it must agree.
 _STRUCTURAL_FIELDS = ("method", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
 # Fields that only say how the initial factors were drawn; a resumed run takes the checkpoint's.

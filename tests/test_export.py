@@ -11,15 +11,22 @@ import sys
 
 import pytest
 import torch
-from conftest import make_qwen2, perturb_trainable_
+from conftest import make_qwen2, make_tokenizer, perturb_trainable_
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 
 from dude_trl import DuDeConfig, get_dude_model
 from dude_trl.export import export_dora_adapter, export_merged_model, merge_to_base
-from dude_trl.export import __main__ as export_cli
+from dude_trl.export import saved as export_saved
 from dude_trl.export.__main__ import main
 
 METHODS = ["dude", "dude_a", "dude_b", "pissa", "dora", "lora"]
@@ -192,6 +199,28 @@ def test_cli_exports_merged_model_and_dora_adapter(tmp_path, tiny_model_dir):
         assert json.load(f)["base_model_name_or_path"] == tiny_model_dir
 
 
+@pytest.mark.parametrize("to", ["dora", "merged"])
+def test_cli_export_carries_what_a_server_needs(tmp_path, tiny_model_dir, to):
+    """Tokenizer (the adapter folder's own first, as a run saves it), generation config and a model card."""
+    model = trained(make_qwen2(), dude_config("dude_b"))
+    model.save_pretrained(tmp_path / "adapter")
+    run_tokenizer = make_tokenizer()
+    run_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    run_tokenizer.save_pretrained(tmp_path / "adapter")
+    GenerationConfig(eos_token_id=[1, 2], max_new_tokens=7).save_pretrained(tiny_model_dir)
+    try:
+        main([str(arg) for arg in export_args(tmp_path / "adapter", tiny_model_dir, tmp_path / "out", to)])
+    finally:
+        os.remove(os.path.join(tiny_model_dir, "generation_config.json"))
+    out = tmp_path / "out"
+    assert AutoTokenizer.from_pretrained(out).chat_template == run_tokenizer.chat_template
+    generation = GenerationConfig.from_pretrained(out)
+    assert (generation.eos_token_id, generation.max_new_tokens) == ([1, 2], 7)
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_model_dir}" in card and "`dude_b`" in card
+    assert "rank | 4 (exported: 8)" in card and f"library_name: {'peft' if to == 'dora' else 'transformers'}" in card
+
+
 # ------------------------------------------------------------------- the CLI never silently wrong
 
 
@@ -280,7 +309,8 @@ def test_cli_replaces_a_non_empty_out_only_with_overwrite(saved_adapter, tiny_mo
     assert snapshot(out) == {"old.txt": b"previous export"}
 
     main(export_args(saved_adapter, tiny_model_dir, str(out), "dora", "--overwrite"))
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = set(os.listdir(out))
+    assert "old.txt" not in written and {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= written
     assert leftovers(tmp_path) == []
     (tmp_path / "empty").mkdir()  # an empty folder is no loss: no --overwrite needed
     main(export_args(saved_adapter, tiny_model_dir, str(tmp_path / "empty"), "dora"))
@@ -354,7 +384,7 @@ def test_cli_failure_midway_leaves_nothing(saved_adapter, tiny_model_dir, tmp_pa
         return export
 
     out = tmp_path / "merged"
-    monkeypatch.setattr(export_cli, "export_merged_model", write_then_fail(OSError(28, "No space left on device")))
+    monkeypatch.setattr(export_saved, "export_merged_model", write_then_fail(OSError(28, "No space left on device")))
     err = refused(export_args(saved_adapter, tiny_model_dir, out), capsys)
     assert "No space left on device" in err and "nothing was written" in err
     assert not out.exists() and leftovers(tmp_path) == []
@@ -363,7 +393,7 @@ def test_cli_failure_midway_leaves_nothing(saved_adapter, tiny_model_dir, tmp_pa
     # export being replaced (--overwrite) is kept as it was.
     out.mkdir()
     (out / "old.txt").write_text("previous export")
-    monkeypatch.setattr(export_cli, "export_merged_model", write_then_fail(RuntimeError("bug")))
+    monkeypatch.setattr(export_saved, "export_merged_model", write_then_fail(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):
         main(export_args(saved_adapter, tiny_model_dir, str(out), "merged", "--overwrite"))
     assert snapshot(out) == {"old.txt": b"previous export"} and leftovers(tmp_path) == []

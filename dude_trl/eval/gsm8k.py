@@ -251,6 +251,23 @@ def clean_completion(text: str) -> str:
     return text.split("\nQuestion:", 1)[0].strip()
 
 
+#: A finished answer: a line holding ``####`` or ``The answer is`` and a digit, ended by a newline,
+#: or ``\nQuestion:`` (a base model moving on to the next example).
+ANSWER_DONE = re.compile(r"(?:####|the answer is)[^\n]*\d[^\n]*\n|\nQuestion:", re.IGNORECASE)
+
+
+def cut_at_answer_end(text: str) -> str:
+    """``text`` up to where :class:`AnswerCompleteCriteria` stops generating: the end of the first
+    :data:`ANSWER_DONE` match (unchanged without one).
+
+    An evaluator that stops on other strings (lm-evaluation-harness stops on EOS and ``until``)
+    generates the same greedy tokens further; cutting its output here gives what the in-loop
+    evaluator scored.
+    """
+    match = ANSWER_DONE.search(text)
+    return text if match is None else text[:match.end()]
+
+
 class AnswerCompleteCriteria(StoppingCriteria):
     """Stops a sequence once its final-answer line is complete or a new question starts.
 
@@ -261,8 +278,6 @@ class AnswerCompleteCriteria(StoppingCriteria):
     seen as soon as its last token is produced.
     """
 
-    _DONE = re.compile(r"(?:####|the answer is)[^\n]*\d[^\n]*\n|\nQuestion:", re.IGNORECASE)
-
     def __init__(self, tokenizer: Any, prompt_length: int, window: int = 32):
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
@@ -271,7 +286,7 @@ class AnswerCompleteCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         start = max(self.prompt_length, input_ids.shape[1] - self.window)
         tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-        done = [bool(self._DONE.search(tail)) for tail in tails]
+        done = [bool(ANSWER_DONE.search(tail)) for tail in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

@@ -4,7 +4,8 @@
 
 ``--to dora`` writes the vanilla PEFT adapter (DoRA, or LoRA for pissa/lora) that computes on
 the unmodified base what the DuDe model computes; ``--to merged`` writes the merged transformers
-model (for servers without DoRA support, e.g. vLLM) and the base's tokenizer.
+model (for servers without DoRA support, e.g. vLLM). Both come with the tokenizer (the adapter
+folder's, else the base's), the generation config and a model card (README.md).
 
 The command never changes its inputs and never reports a success it did not have: ``--out`` may
 not be, contain or lie inside the adapter (or a local base) directory, nor be an existing file; an
@@ -17,45 +18,13 @@ adapter, a missing or wrong base, a bad flag) prints ``error: ...`` and exits wi
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shutil
 import sys
-import tempfile
 from typing import NoReturn, Optional, Sequence
 
-import torch
-from transformers import AutoConfig, AutoTokenizer
+from .saved import DTYPES, BaseLoadError, export_saved_adapter
 
-from ..bases.bnb import bnb_config_from_record
-from ..saving import load_dude_model, read_dude_config
-from .convert import export_merged_model, export_peft_adapter
-
-logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROG = "python -m dude_trl.export"
-
-
-def _base_dtype(base: str, requested: Optional[str]) -> Optional[torch.dtype]:
-    """The dtype to save a merged model in: `requested`, or for ``auto`` the base's own (float32 if unknown)."""
-    if requested not in (None, "auto"):
-        return _DTYPES[requested]
-    stored = getattr(AutoConfig.from_pretrained(base), "dtype", None)
-    if isinstance(stored, str):
-        stored = _DTYPES.get(stored.removeprefix("torch."))
-    return stored if isinstance(stored, torch.dtype) else torch.float32
-
-
-def _copy_tokenizer(base: str, output_dir: str) -> bool:
-    """Save the base's tokenizer next to the merged model, if the base has one."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, KeyError) as err:
-        logger.info("No tokenizer copied from %s (%s).", base, err)
-        return False
-    tokenizer.save_pretrained(output_dir)
-    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         help="replace an existing non-empty --out directory (only once the export has succeeded)",
     )
     parser.add_argument(
-        "--dtype", default=None, choices=("auto", *_DTYPES),
+        "--dtype", default=None, choices=("auto", *DTYPES),
         help="dtype of the merged model, --to merged only (default: auto, the base's own); the merge itself runs "
         "in float32",
     )
@@ -128,84 +97,32 @@ def _check_paths(args: argparse.Namespace) -> None:
               f"has succeeded), or choose another --out.")
 
 
-def _replace_dir(src: str, dest: str) -> None:
-    """Move the finished folder `src` to `dest`, replacing a `dest` directory only after `src` is in place."""
-    if not os.path.lexists(dest):
-        os.rename(src, dest)
-        return
-    parent, name = os.path.split(dest)
-    old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-    os.replace(dest, old)  # POSIX: a directory may replace an empty one
-    try:
-        os.rename(src, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_into_place(out: str, write) -> None:
-    """Run ``write(folder)`` on a temporary folder next to `out`, then rename it to `out`; on any
-    failure the temporary folder is removed and `out` is left as it was."""
-    dest = os.path.abspath(out)
-    parent, name = os.path.split(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``python -m dude_trl.export``; a user error exits with status 2 (`_fail`)."""
     args = _parser().parse_args(argv)
     args.adapter, args.base, args.out = (os.path.expanduser(path) for path in (args.adapter, args.base, args.out))
     _check_paths(args)
-    try:
-        record = read_dude_config(args.adapter).base_quantization
-    except (ValueError, OSError) as err:
-        _fail(str(err))
-    quantization_config = None
-    if record is not None:
-        # The trained model computed with the quantized residual: rebuild exactly that one
-        # (merging dequantizes it), instead of silently exporting another model.
-        quantization_config = bnb_config_from_record(record)
+
+    def note_quantized(record: dict) -> None:
         print(f"{args.adapter} was trained on a bitsandbytes base {record}: loading the base quantized the same way.")
+
     try:
-        model = load_dude_model(
-            args.base, args.adapter, adapter_name=args.adapter_name, quantization_config=quantization_config,
-            dtype=torch.float32,
+        tokenizer = export_saved_adapter(
+            args.adapter, args.base, args.to, args.out, adapter_name=args.adapter_name, dtype=args.dtype,
+            on_quantized_base=note_quantized,
         )
-        dtype = _base_dtype(args.base, args.dtype) if args.to == "merged" else None
-    except ValueError as err:  # a damaged adapter, or a base it was not trained on
+    except ValueError as err:  # a damaged adapter, a base it was not trained on, or one convert refuses
         _fail(str(err))
-    except OSError as err:  # transformers: no such model / no config / no weights
-        _fail(f"cannot load the base model {args.base!r}: {err}")
-
-    copied_tokenizer = False
-
-    def write(folder: str) -> None:
-        nonlocal copied_tokenizer
-        if args.to == "dora":
-            export_peft_adapter(model, folder, args.adapter_name, base_model_name_or_path=args.base)
-        else:
-            export_merged_model(model, folder, args.adapter_name, dtype=dtype)
-            copied_tokenizer = _copy_tokenizer(args.base, folder)
-
-    try:
-        _write_into_place(args.out, write)
-    except ValueError as err:  # the adapter cannot be exported (convert refuses it by name)
+    except BaseLoadError as err:
         _fail(str(err))
     except OSError as err:  # disk full, permissions, ...
         _fail(f"cannot write {args.out!r}: {err}; nothing was written there.")
+    with_tokenizer = " with its tokenizer" if tokenizer else ""
     if args.to == "dora":
-        print(f"Wrote a PEFT adapter for {args.base} to {args.out}: PeftModel.from_pretrained(base, {args.out!r}).")
+        print(f"Wrote a PEFT adapter for {args.base}{with_tokenizer} to {args.out}: "
+              f"PeftModel.from_pretrained(base, {args.out!r}).")
     else:
-        tokenizer = " and its tokenizer" if copied_tokenizer else ""
-        print(f"Wrote the merged model{tokenizer} to {args.out}.")
+        print(f"Wrote the merged model{with_tokenizer} to {args.out}.")
 
 
 if __name__ == "__main__":
