@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", help="split of --data, slices included, e.g. 'train[-500:]'")
     parser.add_argument("--limit", type=int, help="score only the first N problems")
     parser.add_argument("--merged", action="store_true", help="evaluate the merged model instead of the adapter")
-    parser.add_argument("--out", help="output folder (default: PATH/lm_eval)")
+    parser.add_argument("--out", help="output folder (default: PATH/lm_eval; for a model, ./lm_eval/NAME)")
     parser.add_argument("--compare", help="in-loop samples file to compare with (default: the run's, when found)")
     parser.add_argument("--no-compare", action="store_true", help="do not compare with the in-loop evaluation")
     parser.add_argument("--batch-size", type=int, help="lm-eval batch size (default: the run's eval batch size, 16)")
@@ -94,7 +94,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def _looks_like_path(text: str) -> bool:
-    return os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text)
+    return os.path.isabs(text) or text.startswith(".") or os.path.exists(text)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -126,7 +126,8 @@ def _output_folder(args: argparse.Namespace, kind: str) -> str:
     if args.out:
         out = args.out
     elif kind == "model":
-        out = os.path.join("lm_eval", os.path.basename(os.path.normpath(args.path)).replace("/", "__"))
+        name = os.path.basename(os.path.normpath(args.path)) if os.path.isdir(args.path) else args.path
+        out = os.path.join("lm_eval", name.replace("/", "__"))
     else:
         out = os.path.join(args.path, "lm_eval")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -209,6 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = _parser().parse_args(argv)
     args.argv = argv
+    for name in ("path", "base", "data", "out", "compare"):
+        if getattr(args, name) is not None:
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     for name in ("limit", "batch_size", "max_gen_toks"):
         value = getattr(args, name)
         if value is not None and value <= 0:
