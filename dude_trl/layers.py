@@ -13,6 +13,9 @@ the adapter because their names start with ``lora_``:
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -45,11 +48,21 @@ def linear_suffixes(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_supported_base(m) and name})
 
 
+@contextmanager
+def peft_deprecations_silenced() -> Iterator[None]:
+    """Silence the FutureWarning PEFT 0.21.2 triggers whenever it wraps a transformers 5 model: it
+    reads the deprecated ``is_gradient_checkpointing``, a name the user never wrote and cannot change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def inject_adapter(model: nn.Module, config: DuDeConfig, adapter_name: str = "default") -> PeftModel:
     """`peft.get_peft_model`, with PEFT's "target modules not found" error restated to list the
     Linear layers `model` has. PEFT expands ``"all-linear"`` and per-architecture defaults."""
     try:
-        return get_peft_model(model, config, adapter_name=adapter_name)
+        with peft_deprecations_silenced():
+            return get_peft_model(model, config, adapter_name=adapter_name)
     except NoMatchingPeftModuleError as err:
         raise ValueError(
             f"target_modules={config.target_modules!r} match no module of {type(model).__name__}. "

@@ -66,8 +66,16 @@ class DuDeSFTConfig(SFTConfig):
         default=None, metadata={"help": "Generation budget per problem (None: the task's default)."}
     )
     eval_task_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    # TRL defaults `gradient_checkpointing` to True, and transformers 5 warns on that old name of
+    # `activation_checkpointing`; TRL's default is carried by the new name, so only a config that
+    # sets the old name itself gets transformers' notice.
+    gradient_checkpointing: Optional[bool] = field(
+        default=None, metadata={"help": "Old name of activation_checkpointing (transformers 5); default: on."}
+    )
 
     def __post_init__(self) -> None:
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         if self.bf16 is None and not self.fp16 and _trains_on_cpu(self.use_cpu):
             logger.info("Training on a CPU: bf16 autocast off (float32); pass bf16=True to use it.")
             self.bf16 = False

@@ -24,6 +24,7 @@ from .config import DuDeConfig
 from .data import check_disjoint
 from .dataset_checks import check_sft_dataset
 from .eval import TASKS
+from .layers import peft_deprecations_silenced
 from .model import initialize_dude_
 from .resume import prepare_dude_resume
 from .sft_config import DuDeSFTConfig
@@ -61,7 +62,8 @@ class DuDeSFTTrainer(SFTTrainer):
         self._check_datasets({**dict(zip(_SFT_PARAMETERS, args)), **kwargs})
         # Built before the model loads, so an evaluation set that overlaps the training data fails fast.
         eval_callback = self._eval_task_callback(given_args, kwargs.get("train_dataset"))
-        super().__init__(*args, peft_config=peft_config, **kwargs)
+        with peft_deprecations_silenced():  # TRL wraps the model in PEFT inside
+            super().__init__(*args, peft_config=peft_config, **kwargs)
         if is_dude:
             # TRL loaded (and, with a quantization_config, quantized) the base itself; a quantized
             # base reads W0 back from the checkpoint it came from.

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from ..eval.gsm8k import last_number, reference_answer, strict_answer
+from ..layers import peft_deprecations_silenced
 from .tasks.utils import in_loop_completion
 
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -96,18 +97,19 @@ def run_lm_eval(
         model_args["peft"] = peft
     if tokenizer is not None:
         model_args["tokenizer"] = tokenizer
-    return lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args,
-        tasks=list(tasks),
-        task_manager=TaskManager(include_path=include_path),
-        limit=limit,
-        batch_size=batch_size,
-        device=device,
-        apply_chat_template=apply_chat_template,
-        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
-        log_samples=True,
-    )
+    with peft_deprecations_silenced():  # lm-eval wraps the base with PeftModel.from_pretrained
+        return lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=list(tasks),
+            task_manager=TaskManager(include_path=include_path),
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            apply_chat_template=apply_chat_template,
+            gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
+            log_samples=True,
+        )
 
 
 def results_table(results: Mapping[str, Any]) -> str:
