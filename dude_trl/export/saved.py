@@ -102,8 +102,9 @@ def export_saved_adapter(
 
     Returns the source of the tokenizer written (None: none found). Raises `ValueError` for a
     damaged adapter, a wrong base or an adapter that cannot be exported, `BaseLoadError` when the
-    base cannot be loaded, `OSError` when `out` cannot be written; `out` is then left as it was. `on_quantized_base(record)`
-    is called before loading when the adapter was trained on a bitsandbytes base.
+    base cannot be loaded, `OSError` when `out` cannot be written; `out` is then left as it was.
+    `on_quantized_base(record)` is called before loading when the adapter was trained on a
+    bitsandbytes base.
     """
     if to not in KINDS:
         raise ValueError(f"to must be one of {KINDS}, got {to!r}")

@@ -120,6 +120,7 @@ def model_card(
         library = "transformers"
     else:
         raise ValueError(f"kind must be 'adapter' or 'merged', got {kind!r}")
+    rank = f"{config.r} (exported: {exported_rank})" if kind == "adapter" else str(config.r)
     tags = ["dude_trl", config.method, peft_kind.lower(), "peft"]
     front = f"---\nbase_model: {base}\nlibrary_name: {library}\npipeline_tag: text-generation\ntags:\n"
     front += "".join(f"- {tag}\n" for tag in tags) + "---\n\n"
@@ -128,7 +129,7 @@ def model_card(
         + f"# {config.method} fine-tune of {base}\n\n"
         + f"Trained with dude_trl, method {_method_sentence(config.method)}. {what}\n\n"
         + "| | |\n|---|---|\n"
-        + f"| base model | `{base}` |\n| method | `{config.method}` |\n| rank | {config.r} (exported: {exported_rank}) |\n"
+        + f"| base model | `{base}` |\n| method | `{config.method}` |\n| rank | {rank} |\n"
         + f"| lora_alpha | {config.lora_alpha} |\n| target modules | {targets} |\n\n"
         + "## Use\n\n" + use + "\n"
         + "## Measured accuracy\n\n"
