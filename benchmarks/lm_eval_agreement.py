@@ -14,7 +14,7 @@ problems of ``../shared/data/gsm8k/train.jsonl``, when present), it
    whose prompt or completion differ; writes ``results.md`` and ``results.json`` (every differing
    problem included) to ``--out``, and keeps each case's exports and outputs under ``--work-dir``.
 
-Run the offline demo first (``accelerate launch examples/sft_metamath.py``) for ``--run``.
+Run the offline demo first (the README's first command) for ``--run``.
 Needs ``pip install 'dude_trl[eval]'``. About 20 minutes on a 2-core CPU with the defaults.
 """
 
