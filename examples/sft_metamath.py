@@ -2,7 +2,7 @@
 
 Offline demo (SmolLM2-135M-Instruct from `scripts/fetch_smollm2.py`, the synthetic curriculum):
 
-    accelerate launch --config_file examples/configs/accelerate_cpu.yaml examples/sft_metamath.py \
+    accelerate launch --config_file examples/configs/accelerate_one_process.yaml examples/sft_metamath.py \
         --config examples/configs/demo_offline.yaml
 
 The paper's setting (rank 16, lr 2e-5, cosine, warmup 0.03, W_q/W_v) on 8 GPUs with ZeRO-3:

@@ -73,14 +73,14 @@ def test_real_weights_output_unchanged_at_init(method):
 
 @pytest.mark.slow
 def test_readme_main_job_runs_offline(tmp_path):
-    """The README's `accelerate launch --config_file examples/configs/accelerate_cpu.yaml
+    """The README's `accelerate launch --config_file examples/configs/accelerate_one_process.yaml
     examples/sft_metamath.py` with the demo config, shortened to 3 steps: trains DuDe on the
     curriculum, evaluates held-out problems in the loop (step 0 included), and writes the adapter,
     trainer_state.json, every sample and curves.png."""
     out = tmp_path / "demo"
     cmd = [
         str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-        str(ROOT / "examples" / "configs" / "accelerate_cpu.yaml"),
+        str(ROOT / "examples" / "configs" / "accelerate_one_process.yaml"),
         str(ROOT / "examples" / "sft_metamath.py"), "--output_dir", str(out), "--max_steps", "3", *SHORT_RUN,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
