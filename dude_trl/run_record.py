@@ -2,25 +2,20 @@
 
 A run directory (``output_dir``) or one of its ``checkpoint-N`` folders holds the adapter,
 ``trainer_state.json`` (``global_step`` and ``log_history``, where the in-loop evaluation logs
-``<task>/accuracy``), ``training_args.bin`` (the `DuDeSFTConfig`, with the ``eval_task_*``
-settings) and, in the run directory, ``<task>_samples_step<N>.jsonl`` (every row scored at step
+``<task>/accuracy``), ``eval_settings.json`` (the `DuDeSFTConfig`'s ``eval_task_*`` settings,
+written by `DuDeSFTTrainer`) and, in the run directory, ``<task>_samples_step<N>.jsonl`` (every row scored at step
 N). The export's model card and ``python -m dude_trl.lm_eval`` read them from here.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
-
-logger = logging.getLogger(__name__)
-
 TRAINER_STATE_NAME = "trainer_state.json"
-TRAINING_ARGS_NAME = "training_args.bin"
+EVAL_SETTINGS_NAME = "eval_settings.json"
 PathLike = Union[str, os.PathLike]
 
 #: The ``eval_task_*`` fields of `DuDeSFTConfig` that say how the in-loop evaluation ran.
@@ -51,21 +46,25 @@ def in_loop_metrics(adapter_dir: PathLike, task: str = "gsm8k") -> Optional[dict
     return {"step": last.get("step"), **{k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}}
 
 
-def eval_settings(adapter_dir: PathLike) -> dict[str, Any]:
-    """The run's ``eval_task_*`` settings from ``training_args.bin`` (empty when absent or unreadable).
+def write_eval_settings(folder: PathLike, args: Any) -> None:
+    """Write the ``eval_task_*`` fields of `args` (a `DuDeSFTConfig`) to ``folder/EVAL_SETTINGS_NAME``,
+    as JSON: readers then never have to unpickle ``training_args.bin``."""
+    values = {name: getattr(args, name) for name in EVAL_SETTINGS if hasattr(args, name)}
+    (Path(folder) / EVAL_SETTINGS_NAME).write_text(json.dumps(values, indent=2))
 
-    The file is the pickled training arguments the Trainer writes next to every checkpoint; it is
-    read with ``weights_only=False`` because it holds a dataclass, so only read your own runs'.
+
+def eval_settings(adapter_dir: PathLike) -> dict[str, Any]:
+    """The run's ``eval_task_*`` settings saved with the adapter (empty when there are none).
+
+    `DuDeSFTTrainer` writes them next to every save (`write_eval_settings`). The pickled
+    ``training_args.bin`` beside them is deliberately not read: unpickling a downloaded
+    checkpoint's file would run whatever code it holds.
     """
-    path = Path(adapter_dir) / TRAINING_ARGS_NAME
-    if not path.is_file():
-        return {}
     try:
-        args = torch.load(path, weights_only=False)
-    except Exception as err:  # a pickle of another version's classes can fail in many ways
-        logger.info("Could not read %s (%s); the run's evaluation settings are unknown.", path, err)
+        values = json.loads((Path(adapter_dir) / EVAL_SETTINGS_NAME).read_text())
+    except (OSError, ValueError):
         return {}
-    return {name: getattr(args, name) for name in EVAL_SETTINGS if hasattr(args, name)}
+    return {name: values[name] for name in EVAL_SETTINGS if name in values}
 
 
 def in_loop_samples_path(adapter_dir: PathLike, step: int, task: str = "gsm8k") -> Optional[Path]:

@@ -27,6 +27,7 @@ from .eval import TASKS
 from .layers import peft_deprecations_silenced
 from .model import initialize_dude_
 from .resume import prepare_dude_resume
+from .run_record import write_eval_settings
 from .sft_config import DuDeSFTConfig
 
 # SFTTrainer's parameters in order, to read the arguments given positionally (`self` left out).
@@ -121,6 +122,13 @@ class DuDeSFTTrainer(SFTTrainer):
         if isinstance(train_dataset, datasets.Dataset):
             check_disjoint(train_dataset, callback.questions(), callback.task.name)
         return callback
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """Trainer's save, plus the in-loop evaluation settings as JSON (`dude_trl.run_record`),
+        which the export's model card and ``python -m dude_trl.lm_eval`` read."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and isinstance(self.args, DuDeSFTConfig):
+            write_eval_settings(output_dir if output_dir is not None else self.args.output_dir, self.args)
 
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; when resuming a DuDe run, first rebuild the checkpoint's exact residual

@@ -247,3 +247,11 @@ def test_the_smollm2_agreement_benchmark_runs(run, tmp_path):
         ("base", "curriculum"), ("adapter", "curriculum"), ("adapter merged", "curriculum")]
     assert all(row["problems"] == 3 and row["disagreements"] == 0 for row in rows)
     assert "| adapter merged | curriculum | 3 |" in (tmp_path / "results" / "results.md").read_text()
+
+
+def test_the_run_records_its_evaluation_settings_as_json(run):
+    """What the CLI defaults to comes from JSON the trainer wrote, never from unpickling training_args.bin."""
+    with open(os.path.join(run["run"], "eval_settings.json")) as handle:
+        settings = json.load(handle)
+    assert settings["eval_task_max_new_tokens"] == BUDGET and settings["eval_task_dataset"] == run["data"]
+    assert settings["eval_task_batch_size"] == 4
